@@ -1,0 +1,4 @@
+"""`python -m latentloom` is the same as the `latentloom` command."""
+from latentloom.cli import main
+
+raise SystemExit(main())

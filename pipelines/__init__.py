@@ -1,0 +1,1 @@
+"""Pipelines: text-to-image, img2img, inpaint, upscale, cascade; loading and metadata."""

@@ -1,0 +1,1 @@
+"""Noise schedules, denoiser wrappers, solvers and guidance."""

@@ -1,0 +1,1 @@
+"""Fine-tuning and training on captioned images with accelerate."""

@@ -1,0 +1,1 @@
+"""The denoiser: a UNet that reads the prompt through cross-attention."""
