@@ -1,0 +1,137 @@
+"""One dataclass that says how a training run goes (what `latentloom train` fills in).
+
+Plain Python, no torch: the CLI builds it from arguments before anything heavy loads.
+The model's own architecture lives in its own config (UNetConfig, the AutoencoderKL
+config, ImageTextConfig) and is passed as a JSON file with ``--config``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODELS = ("unet", "vae", "clip", "upscaler")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+LR_SCHEDULES = ("cosine", "constant")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+CROPS = ("center", "random")
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a run except the model architecture.
+
+    steps counts optimizer steps; one step consumes ``batch_size * grad_accum`` images
+    on each process.
+    """
+
+    model: str = "unet"
+    data: str | None = None
+    output: str = "latentloom-out"
+    model_config: str | None = None  # JSON file with the model's architecture (from scratch)
+    pretrained: str | None = None  # a model folder to fine-tune (loaded weights)
+    vae: str | None = None  # a trained VAE folder (latent UNet / upscaler training)
+    text_encoder: str = "minilm"
+    resolution: int = 64
+    crop: str = "center"
+    random_flip: bool = True
+    cache_latents: bool = False
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_schedule: str = "cosine"
+    lr_warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    use_8bit_adam: bool = True  # only where bitsandbytes is installed
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9999
+    caption_dropout: float = 0.1
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    prediction_type: str = "epsilon"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    rescale_zero_terminal_snr: bool = False
+    # VAE: the KL term's weight (the reconstruction term is L1 + MSE on pixels).
+    kl_weight: float = 1e-6
+    # Upscaler: the low-resolution side, and the largest noise level added to it.
+    low_resolution: int = 32
+    max_noise_level: int = 350
+    # LoRA (UNet fine-tuning only): rank 0 means full fine-tuning.
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    seed: int = 0
+    resume: str | None = None  # a checkpoint folder, or "latest"
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int | None = 2
+    log_every: int = 10
+    num_workers: int = 0
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        choices = {
+            "model": MODELS,
+            "mixed_precision": MIXED_PRECISION,
+            "prediction_type": PREDICTION_TYPES,
+            "lr_schedule": LR_SCHEDULES,
+            "beta_schedule": BETA_SCHEDULES,
+            "crop": CROPS,
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {allowed}")
+        positive = ("steps", "batch_size", "grad_accum", "resolution", "num_train_timesteps", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0 (or None to turn it off), got {self.min_snr_gamma}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_warmup_steps < 0 or self.noise_offset < 0 or self.lora_rank < 0:
+            raise ValueError(
+                "lr_warmup_steps, noise_offset and lora_rank must be >= 0, got "
+                f"{self.lr_warmup_steps}, {self.noise_offset}, {self.lora_rank}"
+            )
+        if self.lora_rank and self.model != "unet":
+            raise ValueError(f"LoRA trains the UNet only; got lora_rank={self.lora_rank} with model={self.model!r}")
+        if self.lora_rank and self.pretrained is None:
+            raise ValueError("LoRA fine-tunes loaded weights: pass pretrained=<model folder> with lora_rank > 0")
+        if self.model in ("unet", "vae", "clip", "upscaler") and self.data is None:
+            raise ValueError(f"training model={self.model!r} needs data=<folder of captioned images>")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.output) / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
