@@ -1,0 +1,327 @@
+"""Discrete noise schedules (DDPM betas) and the sigma sequences each sampler walks.
+
+latentloom samples in the k-diffusion ("VE") form x = x0 + sigma * eps. A discrete
+VP schedule with cumulative alphas a_t maps to it through sigma_t = sqrt((1 - a_t) / a_t).
+`make_sigmas` reproduces, number for number, the sigma and timestep sequence that the
+diffusers scheduler matching a sampler name builds for the same config, and records the
+timestep diffusers would hand the model for every sigma so that `Denoiser` passes the
+very same `t` (integer timesteps from the spacing, or the log-sigma-interpolated
+fractional / rounded `t` for Karras sigmas).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Samplers whose diffusers counterpart lives in VP space with init_noise_sigma == 1.
+VP_SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+# Samplers whose diffusers counterpart (Euler family) lives in VE space.
+VE_SAMPLERS = ("euler", "euler_a", "heun")
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+# alphas_cumprod[-1] after a zero-terminal-SNR rescale: sigma would be infinite at a_T == 0,
+# which the VE form cannot hold; diffusers' Euler / DPM / UniPC schedulers use this value.
+ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
+
+
+def make_betas(
+    kind: str,
+    *,
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+) -> torch.Tensor:
+    """Betas (T,) float32 for a DDPM schedule: linear, scaled_linear (SD) or squaredcos_cap_v2 (Nichol & Dhariwal 2021)."""
+    if num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+    if kind == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    if kind == "scaled_linear":
+        # linear in sqrt(beta), as the original Stable Diffusion training code
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    if kind == "squaredcos_cap_v2":
+        def alpha_bar(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        T = num_train_timesteps
+        betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)]
+        return torch.tensor(betas, dtype=torch.float32)
+    raise ValueError(f"unknown beta schedule {kind!r}; expected one of {BETA_SCHEDULES}")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Rescale betas so the last timestep has zero SNR (Lin et al. 2023, "Common Diffusion Noise Schedules...", Alg. 1)."""
+    sqrt_ac = torch.cumprod(1.0 - betas, dim=0).sqrt()  # (T,)
+    first, last = sqrt_ac[0].clone(), sqrt_ac[-1].clone()
+    # shift so the last is 0, then scale so the first keeps its value
+    sqrt_ac = (sqrt_ac - last) * (first / (first - last))
+    ac = sqrt_ac**2
+    alphas = torch.cat([ac[:1], ac[1:] / ac[:-1]])
+    return 1.0 - alphas
+
+
+# diffusers config keys latentloom does not model, with the values that leave the math unchanged.
+_NEUTRAL_SETTINGS: dict[str, tuple] = {
+    "clip_sample": (False,), "thresholding": (False,), "use_exponential_sigmas": (False, None),
+    "use_beta_sigmas": (False, None), "use_lu_lambdas": (False, None), "use_flow_sigmas": (False, None),
+    "timestep_type": ("discrete",), "interpolation_type": ("linear", None), "final_sigmas_type": ("zero",),
+    "variance_type": (None, "fixed_small"), "euler_at_final": (False,), "use_dynamic_shifting": (False,),
+    "sigma_min": (None,), "sigma_max": (None,), "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
+    "solver_order": (2,), "solver_type": ("midpoint", "bh2"), "lower_order_final": (True,),
+    "predict_x0": (True,), "lambda_min_clipped": (float("-inf"),),
+}
+
+
+@dataclass
+class ScheduleConfig:
+    """The scheduler settings of a model (what a diffusers `scheduler_config.json` says)."""
+
+    prediction_type: str = "epsilon"
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    rescale_betas_zero_snr: bool = False
+    use_karras_sigmas: bool = False
+    # DDIM only: False makes its last step land on sigma(t=0) instead of 0 (SD configs say False)
+    set_alpha_to_one: bool = True
+    trained_betas: list[float] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {self.prediction_type!r} not in {PREDICTION_TYPES}")
+        if self.trained_betas is None and self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule {self.beta_schedule!r} not in {BETA_SCHEDULES}")
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing {self.timestep_spacing!r} not in {TIMESTEP_SPACINGS}")
+
+    @classmethod
+    def from_diffusers_config(cls, d: dict[str, Any]) -> "ScheduleConfig":
+        """Build from a diffusers scheduler config dict. Keys this class does not model are
+        ignored; a warning names those whose value would change the sampling math."""
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        ignored = [f"{k}={d[k]!r}" for k, ok in _NEUTRAL_SETTINGS.items() if k in d and d[k] not in ok]
+        if ignored:
+            warnings.warn(
+                f"scheduler config settings not supported by latentloom samplers are ignored: {', '.join(ignored)}",
+                stacklevel=2,
+            )
+        return cls(**kwargs)
+
+
+class DiscreteSchedule:
+    """A discrete-time VP schedule seen in sigma space, with the sigma <-> timestep maps.
+
+    `alphas_cumprod` (T,) float32; `sigmas` (T,) ascending in t. `sigma_to_t` first looks up
+    sigmas registered by `make_sigmas` (so the model gets exactly diffusers' timestep for
+    that sampler) and otherwise interpolates linearly in log sigma (k-diffusion / diffusers).
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float32).clone()
+        if ac.ndim != 1 or ac.numel() < 2:
+            raise ValueError(f"alphas_cumprod must be a 1-D tensor with >= 2 entries, got shape {tuple(ac.shape)}")
+        if not bool(((ac > 0) & (ac < 1)).all()):
+            raise ValueError("alphas_cumprod must lie in (0, 1); rescale_zero_terminal_snr schedules must clamp a_T")
+        self.alphas_cumprod = ac
+        self.sigmas = ((1 - ac) / ac) ** 0.5  # (T,) float32, same arithmetic as diffusers
+        self.log_sigmas = np.log(self.sigmas.numpy())  # (T,) float32
+        self._t_of_sigma: dict[float, float] = {}
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor, *, rescale_betas_zero_snr: bool = False) -> "DiscreteSchedule":
+        betas = torch.as_tensor(betas, dtype=torch.float32)
+        if rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        ac = torch.cumprod(1.0 - betas, dim=0)
+        if rescale_betas_zero_snr:
+            ac[-1] = ZERO_SNR_ALPHA_CUMPROD
+        return cls(ac)
+
+    @classmethod
+    def from_config(cls, config: ScheduleConfig) -> "DiscreteSchedule":
+        if config.trained_betas is not None:
+            betas = torch.tensor(config.trained_betas, dtype=torch.float32)
+        else:
+            betas = make_betas(
+                config.beta_schedule, num_train_timesteps=config.num_train_timesteps,
+                beta_start=config.beta_start, beta_end=config.beta_end,
+            )
+        return cls.from_betas(betas, rescale_betas_zero_snr=config.rescale_betas_zero_snr)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.numel()
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def register(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> None:
+        """Remember which model timestep belongs to each sigma (the latest registration wins)."""
+        for s, t in zip(sigmas.tolist(), timesteps.tolist()):
+            self._t_of_sigma[s] = t
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Timesteps (same shape as sigma, float32) the model expects for these noise levels."""
+        flat = sigma.detach().to("cpu", torch.float32).reshape(-1)
+        out = []
+        for s in flat.tolist():
+            t = self._t_of_sigma.get(s)
+            out.append(t if t is not None else float(log_sigma_to_t(np.float64(s), self.log_sigmas)))
+        return torch.tensor(out, dtype=torch.float32, device=sigma.device).reshape(sigma.shape)
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Sigma at (possibly fractional) timesteps, linear interpolation as diffusers' Euler."""
+        t_np = np.asarray(torch.as_tensor(t).detach().cpu().numpy(), dtype=np.float64)
+        s = np.interp(t_np, np.arange(self.num_train_timesteps), self.sigmas.numpy())
+        return torch.as_tensor(s, dtype=torch.float32)
+
+
+def log_sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional timestep of sigma by linear interpolation of log sigma over the training table."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, None]  # (T, n)
+    # last training index whose log sigma is <= ours, kept one below the end
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, *, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022 (EDM) eq. 5 noise levels, n of them, descending, float64."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def _spaced_timesteps(spacing: str, n: int, T: int, steps_offset: int, *, kind: str) -> np.ndarray:
+    """The descending timesteps of each diffusers scheduler family for `n` steps.
+
+    kind "ddim": DDIM/DDPM (integers); "euler": Euler/Heun (float32, linspace fractional);
+    "multistep": DPM-Solver/UniPC, which space n + 1 points and drop the last.
+    """
+    if spacing == "linspace":
+        if kind == "euler":
+            return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+        if kind == "ddim":
+            return np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
+        return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if spacing == "leading":
+        if kind == "multistep":
+            ratio = T // (n + 1)
+            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
+        else:
+            ratio = T // n
+            ts = (np.arange(0, n) * ratio).round()[::-1].copy().astype(np.int64)
+        return ts + steps_offset
+    if spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+        return ts
+    raise ValueError(f"timestep_spacing {spacing!r} not in {TIMESTEP_SPACINGS}")
+
+
+def make_sigmas(
+    schedule: DiscreteSchedule,
+    num_inference_steps: int,
+    *,
+    sampler: str,
+    timestep_spacing: str = "leading",
+    steps_offset: int = 1,
+    karras: bool = False,
+    set_alpha_to_one: bool = True,
+) -> torch.Tensor:
+    """Sigmas (N + 1,) float32, descending, for `sampler`: exactly the noise levels (and, recorded
+    on `schedule`, the model timesteps) of the diffusers scheduler for that sampler and config.
+
+    The last entry is 0, except for "ddim" with set_alpha_to_one=False, whose last step lands
+    on sigma(t=0) as diffusers' DDIMScheduler does (see `noise.final_latents`).
+    """
+    sigmas, timesteps = sigmas_and_timesteps(
+        schedule, num_inference_steps, sampler=sampler, timestep_spacing=timestep_spacing,
+        steps_offset=steps_offset, karras=karras, set_alpha_to_one=set_alpha_to_one,
+    )
+    return sigmas
+
+
+def sigmas_and_timesteps(
+    schedule: DiscreteSchedule,
+    num_inference_steps: int,
+    *,
+    sampler: str,
+    timestep_spacing: str = "leading",
+    steps_offset: int = 1,
+    karras: bool = False,
+    set_alpha_to_one: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`make_sigmas` plus the model timesteps (N,) float32 that go with sigmas[:-1]."""
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLER_NAMES}")
+    if timestep_spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"timestep_spacing {timestep_spacing!r} not in {TIMESTEP_SPACINGS}")
+    T = schedule.num_train_timesteps
+    n = int(num_inference_steps)
+    if not 1 <= n <= T:
+        raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
+    train = schedule.sigmas.numpy()  # (T,) float32
+    grid = np.arange(0, T)
+    last = 0.0
+
+    if sampler in ("dpmpp_2m", "dpmpp_2m_sde", "unipc"):
+        ts = _spaced_timesteps(timestep_spacing, n, T, steps_offset, kind="multistep")
+        if karras:
+            # these diffusers schedulers span the whole training range and round t
+            sig = karras_sigmas(float(train[0]), float(train[-1]), n)
+            ts = np.array([log_sigma_to_t(s, schedule.log_sigmas) for s in sig]).round()
+        else:
+            sig = np.interp(ts, grid, train)
+    elif sampler in ("euler", "euler_a", "heun") or karras:
+        # Euler family: interpolate at the (possibly fractional) spaced timesteps; Karras spans
+        # those sigmas and takes un-rounded log-interpolated t. ddim/ddpm/euler_a with karras=True
+        # follow the same rule (diffusers has no Karras option for them).
+        ts = _spaced_timesteps(timestep_spacing, n, T, steps_offset, kind="euler")
+        sig = np.interp(ts, grid, train)
+        if karras:
+            sig = karras_sigmas(float(sig[-1]), float(sig[0]), n)
+            ts = np.array([log_sigma_to_t(s, schedule.log_sigmas) for s in sig])
+    else:  # ddim, ddpm: integer timesteps
+        ts = _spaced_timesteps(timestep_spacing, n, T, steps_offset, kind="ddim")
+        if ts.max() >= T or ts.min() < 0:
+            raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {T - 1}]: lower steps_offset ({steps_offset})")
+        sig = train[ts].astype(np.float64)
+        if sampler == "ddim":
+            ratio = T // n
+            nxt = np.concatenate([ts[1:], [-1]])
+            prev = ts - ratio
+            if np.any(np.where(prev >= 0, prev, -1) != nxt):
+                warnings.warn(
+                    f"diffusers' DDIMScheduler steps from t to t - {ratio} rather than to the next timestep of "
+                    f"{timestep_spacing!r} spacing with {n} steps; latentloom follows the schedule, so results "
+                    "differ from diffusers here (use leading spacing, or trailing with a divisor of "
+                    f"{T} steps, for parity)",
+                    stacklevel=2,
+                )
+            if not set_alpha_to_one:
+                last = float(train[0])
+    if np.any(ts >= T) or np.any(ts < 0):
+        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {T - 1}]: lower steps_offset ({steps_offset})")
+
+    sigmas = torch.from_numpy(np.concatenate([sig, [last]]).astype(np.float32))
+    timesteps = torch.from_numpy(np.asarray(ts).astype(np.float32))
+    schedule.register(sigmas[:-1], timesteps)
+    return sigmas, timesteps

@@ -1,0 +1,135 @@
+"""Single-step solvers in the k-diffusion form: x = x0 + sigma * eps, denoiser(x, sigma) -> x0.
+
+Every solver is `sample_<name>(denoiser, x, sigmas, *, generator=None, callback=None, ...) -> x`:
+  denoiser  callable (x (B, ...), sigma (B,)) -> x0 estimate, e.g. `Denoiser` or a guidance wrapper;
+  x         the starting sample at sigmas[0] (`noise.initial_latents` or `noise.add_noise`);
+  sigmas    (N + 1,) descending noise levels, usually ending in 0 (`schedules.make_sigmas`);
+  generator torch.Generator, or one per sample (then a sample made in a batch equals the
+            sample made alone); stochastic solvers draw their noise with `noise.randn`;
+  callback  called once per step as callback(i, sigma, x, denoised): step index, the
+            0-d sigma the model saw, the sample it saw and its x0 estimate (for progress
+            bars and previews). Its return value is ignored.
+Trajectories equal diffusers' schedulers of the same name (see tests/test_samplers_parity.py).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .noise import Generator, randn
+
+Denoise = Callable[..., torch.Tensor]
+Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None
+
+
+def _check(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas must be 1-D with at least 2 entries (start and end), got shape {tuple(sigmas.shape)}")
+    return sigmas.to(x.device, x.dtype)
+
+
+def _s(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A 0-d sigma as (B,) for the denoiser (exact: no arithmetic on the value)."""
+    return sigma.expand(x.shape[0])
+
+
+def _noise_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
+    return randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma_down, sigma_up) of the DDPM posterior scaled by eta (Song et al. 2021 DDIM eq. 16, in VE form)."""
+    sigma_up = eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    sigma_up = torch.minimum(sigma_up, sigma_next)
+    return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
+
+
+@torch.no_grad()
+def sample_euler(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
+                 callback: Callback = None) -> torch.Tensor:
+    """Euler on the probability-flow ODE (Karras et al. 2022, Alg. 2 without churn); = diffusers EulerDiscreteScheduler."""
+    sigmas = _check(x, sigmas)
+    for i in range(sigmas.numel() - 1):
+        denoised = denoiser(x, _s(sigmas[i], x))
+        if callback is not None:
+            callback(i, sigmas[i], x, denoised)
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+@torch.no_grad()
+def sample_euler_a(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
+                   callback: Callback = None, eta: float = 1.0) -> torch.Tensor:
+    """Ancestral Euler (k-diffusion `sample_euler_ancestral`); = diffusers EulerAncestralDiscreteScheduler at eta=1."""
+    sigmas = _check(x, sigmas)
+    for i in range(sigmas.numel() - 1):
+        denoised = denoiser(x, _s(sigmas[i], x))
+        if callback is not None:
+            callback(i, sigmas[i], x, denoised)
+        sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (sigma_down - sigmas[i])
+        # diffusers draws at every step, the last included (where sigma_up is 0)
+        x = x + _noise_like(x, generator) * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
+                callback: Callback = None, eta: float = 0.0) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) with stochasticity eta, in VE form; = diffusers DDIMScheduler."""
+    sigmas = _check(x, sigmas)
+    for i in range(sigmas.numel() - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, _s(sigma, x))
+        if callback is not None:
+            callback(i, sigma, x, denoised)
+        eps = (x - denoised) / sigma
+        if eta > 0:
+            sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
+            x = denoised + sigma_down * eps + sigma_up * _noise_like(x, generator)
+        else:
+            x = denoised + sigma_next * eps
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
+                callback: Callback = None) -> torch.Tensor:
+    """Ancestral sampling from the DDPM posterior q(x_s' | x_s, x0) (Ho et al. 2020, eq. 7); = diffusers DDPMScheduler."""
+    sigmas = _check(x, sigmas)
+    for i in range(sigmas.numel() - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, _s(sigma, x))
+        if callback is not None:
+            callback(i, sigma, x, denoised)
+        # posterior mean x0 + (s'^2 / s^2)(x - x0), variance s'^2 (s^2 - s'^2) / s^2
+        ratio = sigma_next**2 / sigma**2
+        x = denoised + ratio * (x - denoised)
+        if sigma_next > 0:
+            x = x + (sigma_next**2 * (1 - ratio)) ** 0.5 * _noise_like(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
+                callback: Callback = None) -> torch.Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1), Euler on the last step to sigma 0; = diffusers HeunDiscreteScheduler."""
+    sigmas = _check(x, sigmas)
+    for i in range(sigmas.numel() - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, _s(sigma, x))
+        if callback is not None:
+            callback(i, sigma, x, denoised)
+        d = (x - denoised) / sigma
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = x + d * dt
+            continue
+        x_2 = x + d * dt
+        d_2 = (x_2 - denoiser(x_2, _s(sigma_next, x))) / sigma_next
+        x = x + (d + d_2) / 2 * dt
+    return x
+
