@@ -1,0 +1,334 @@
+"""What every frozen text encoder shares: input checks, weighted tokenization, windows for
+long prompts, one batched model call, a small LRU cache, and assembly into a TextEmbedding.
+
+A prompt becomes token ids with one weight each (parse_prompt_weights, then each fragment
+tokenized without special tokens). The ids are cut into windows of at most
+`window_length - len(prefix) - len(suffix)` tokens; each window gets its own start/end tokens
+and is encoded on its own, and the windows' hidden states are concatenated (the A1111 /
+ComfyUI approach to prompts longer than CLIP's 77 tokens). An encoder that cannot take more
+windows (T5: one) keeps what fits and warns with the text it cut.
+
+Weights act on the hidden states, not on the ids:
+    hidden = reference + (hidden - reference) * weight        (per token)
+where the reference is the encoding of the empty prompt at the same position for CLIP
+(ComfyUI's rule: weight 0 gives "nothing said here", weight < 0 pushes away) and zero for
+T5 and MiniLM. A prompt with all weights 1 skips this step, so it is bit-identical to the
+plain path.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import TYPE_CHECKING, NamedTuple, Sequence
+
+from latentloom.text_encoders.embedding import TextEmbedding, pad_to_same_length
+from latentloom.text_encoders.weighting import parse_prompt_weights
+
+if TYPE_CHECKING:
+    import torch
+
+
+class _Encoded(NamedTuple):
+    """One prompt's encoding, as the cache stores it."""
+
+    hidden: "torch.Tensor"  # (L, D)
+    mask: "torch.Tensor"  # (L,)
+    pooled: "torch.Tensor | None"  # (D',)
+
+
+class _Window(NamedTuple):
+    prompt: int  # index into the prompts being encoded
+    ids: list[int]  # with start/end tokens, no padding
+    weights: list[float]  # one per id
+
+
+def check_prompts(prompts: object) -> list[str]:
+    """A list (or tuple) of str; a bare str is one prompt. Anything else is a TypeError."""
+    if prompts is None:
+        raise TypeError('prompts must be a list of str (use [""] for the unconditional embedding), got None')
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}: {prompts!r}")
+    if len(prompts) == 0:
+        raise ValueError('prompts is an empty list; pass [""] for the unconditional embedding')
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}: {prompt!r}")
+    return list(prompts)
+
+
+class FrozenTextEncoder:
+    """Base of CLIPEncoder, T5Encoder and MiniLMEncoder; subclasses say how to run the model.
+
+    Subclasses set in __init__ (through `_setup`): the window length, the start (prefix) and
+    end (suffix) ids, the padding id, and the class attributes below; and implement `_forward`.
+    """
+
+    pad_windows: bool = False  # pad each window to window_length (CLIP) or only to the batch's longest
+    max_windows: int | None = None  # None: as many windows as the prompt needs
+
+    def __init__(self, model, tokenizer, *, weighting: bool = True, cache_size: int = 32) -> None:
+        if model is None or not hasattr(model, "parameters"):
+            raise TypeError(f"model must be a transformers model (torch.nn.Module), got {type(model).__name__}")
+        if tokenizer is None or not callable(tokenizer):
+            raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+            raise ValueError(f"cache_size must be an int >= 0 (0 disables the cache), got {cache_size!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.weighting = bool(weighting)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, _Encoded] = OrderedDict()
+        self._empty_window: "torch.Tensor | None" = None  # (window_length, D), see _empty_window_hidden
+        # Frozen: no gradients, eval mode (dropout off); encode() also runs under no_grad.
+        model.requires_grad_(False)
+        model.eval()
+
+    def _setup(self, *, window_length: int, prefix: list[int], suffix: list[int], pad_id: int) -> None:
+        if window_length <= len(prefix) + len(suffix):
+            raise ValueError(
+                f"window length {window_length} leaves no room for text between {len(prefix) + len(suffix)} "
+                "start/end tokens"
+            )
+        self.window_length = window_length
+        self.prefix = list(prefix)
+        self.suffix = list(suffix)
+        self.pad_id = pad_id
+
+    # ---- what subclasses provide -------------------------------------------------------------
+    def _forward(self, input_ids: "torch.Tensor", attention_mask: "torch.Tensor"):
+        """(N, T) ids and mask -> hidden (N, T, D) and per-window pooled (N, D') or None."""
+        raise NotImplementedError
+
+    def _pool(self, hiddens: list["torch.Tensor"], window_pooled: list["torch.Tensor | None"]):
+        """One prompt's unweighted window hiddens [(T_w, D)] -> pooled (D',) or None."""
+        return window_pooled[0]
+
+    def _weight_reference(self, length: int) -> "torch.Tensor | None":
+        """What weight 0 turns a token into: (length, D), or None for zero."""
+        return None
+
+    def _filler(self) -> "torch.Tensor | None":
+        """The hidden states that mean padding, (Lf, D), or None for zeros (see TextEmbedding.filler)."""
+        return None
+
+    def _settings(self) -> tuple:
+        """Everything besides the prompt that changes the result (part of the cache key)."""
+        return (self.weighting, self.window_length, self.max_windows, str(self.device), self.dtype)
+
+    # ---- the shared contract -----------------------------------------------------------------
+    @property
+    def device(self) -> "torch.device":
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        return next(self.model.parameters()).dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def to(self, device=None, dtype=None) -> "FrozenTextEncoder":
+        """Move the model (e.g. to the pipeline's device); it may stay fp32 while the UNet does not."""
+        self.model.to(device=device, dtype=dtype)
+        self.clear_cache()
+        return self
+
+    def clear_cache(self) -> None:
+        """Forget cached encodings (call after changing the model's weights in place, e.g. a LoRA)."""
+        self._cache.clear()
+        self._empty_window = None
+
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        """Encode a batch of prompts: hidden (B, L, D), mask (B, L), pooled (B, D') or None.
+
+        Prompts of different lengths are padded to the longest (see TextEmbedding.filler).
+        A prompt seen recently with the same settings comes from the cache, not the model.
+        """
+        import torch
+
+        prompts = check_prompts(prompts)
+        if self.model.training:  # someone called .train() on the model: stay frozen
+            self.model.eval()
+        settings = self._settings()
+        found: dict[str, _Encoded] = {}
+        missing: list[str] = []
+        for prompt in dict.fromkeys(prompts):  # unique, in order
+            key = (prompt, settings)
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                found[prompt] = self._cache[key]
+            else:
+                missing.append(prompt)
+        if missing:
+            with torch.no_grad():
+                encoded = self._encode_uncached(missing)
+            for prompt, result in zip(missing, encoded):
+                found[prompt] = result
+                if self.cache_size:
+                    self._cache[(prompt, settings)] = result
+                    while len(self._cache) > self.cache_size:
+                        self._cache.popitem(last=False)
+        filler = self._filler()
+        singles = [
+            TextEmbedding(
+                found[p].hidden[None],
+                found[p].mask[None],
+                None if found[p].pooled is None else found[p].pooled[None],
+                filler,
+            )
+            for p in prompts
+        ]
+        return TextEmbedding.cat(singles)  # torch.cat copies: callers cannot touch the cache
+
+    def encode_pair(
+        self, prompts: list[str], negative_prompts: "list[str] | str | None" = None
+    ) -> tuple[TextEmbedding, TextEmbedding]:
+        """(cond, uncond) for classifier-free guidance, padded to the same L.
+
+        negative_prompts: None gives the empty prompt for each prompt; one str is used for all.
+        """
+        prompts = check_prompts(prompts)
+        if negative_prompts is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompts, str):
+            negatives = [negative_prompts] * len(prompts)
+        else:
+            negatives = check_prompts(negative_prompts)
+            if len(negatives) != len(prompts):
+                raise ValueError(
+                    f"got {len(negatives)} negative prompts for {len(prompts)} prompts; pass one per prompt, "
+                    "one str for all, or None"
+                )
+        both = self.encode(prompts + negatives)
+        batch = len(prompts)
+        cond, uncond = (
+            TextEmbedding(
+                both.hidden[part],
+                both.mask[part],
+                None if both.pooled is None else both.pooled[part],
+                both.filler,
+            )
+            for part in (slice(0, batch), slice(batch, None))
+        )
+        return cond, uncond
+
+    def pad_to_length(self, emb: TextEmbedding, length: int) -> TextEmbedding:
+        """Pad `emb` to `length` positions with this encoder's padding encoding, mask 0."""
+        if emb.filler is None and self._filler() is not None:
+            emb = TextEmbedding(emb.hidden, emb.mask, emb.pooled, self._filler())
+        return emb.pad_to(length)
+
+    def pad_to_same_length(self, *embeddings: TextEmbedding) -> list[TextEmbedding]:
+        length = max(e.length for e in embeddings)
+        return [self.pad_to_length(e, length) for e in embeddings]
+
+    # ---- the machinery -----------------------------------------------------------------------
+    @property
+    def content_length(self) -> int:
+        """Tokens of text per window (the window less its start/end tokens)."""
+        return self.window_length - len(self.prefix) - len(self.suffix)
+
+    def _tokenize(self, prompt: str) -> tuple[list[int], list[float]]:
+        """Token ids of the text (no start/end tokens) and one weight per id."""
+        runs = parse_prompt_weights(prompt) if self.weighting else [(prompt, 1.0)]
+        runs = [(text, weight) for text, weight in runs if text]
+        if not runs:
+            return [], []
+        if len(runs) == 1:  # the plain path: exactly what tokenizer(prompt) gives, without specials
+            pieces = [self.tokenizer(runs[0][0], add_special_tokens=False, verbose=False)["input_ids"]]
+        else:
+            pieces = self.tokenizer([text for text, _ in runs], add_special_tokens=False, verbose=False)["input_ids"]
+        ids: list[int] = []
+        weights: list[float] = []
+        for piece, (_, weight) in zip(pieces, runs):
+            ids += piece
+            weights += [weight] * len(piece)
+        return ids, weights
+
+    def _windows(self, index: int, prompt: str) -> list[_Window]:
+        ids, weights = self._tokenize(prompt)
+        size = self.content_length
+        starts = list(range(0, len(ids), size)) or [0]  # the empty prompt is one empty window
+        if self.max_windows is not None and len(starts) > self.max_windows:
+            cut_from = self.max_windows * size
+            cut = self.tokenizer.decode(ids[cut_from:])
+            warnings.warn(
+                f"{type(self).__name__} takes at most {self.max_windows * size} tokens of text; "
+                f"cut {len(ids) - cut_from} tokens from prompt {index}: {cut!r}",
+                UserWarning,
+                stacklevel=4,
+            )
+            starts = starts[: self.max_windows]
+        ones_prefix, ones_suffix = [1.0] * len(self.prefix), [1.0] * len(self.suffix)
+        return [
+            _Window(
+                index,
+                self.prefix + ids[s : s + size] + self.suffix,
+                ones_prefix + weights[s : s + size] + ones_suffix,
+            )
+            for s in starts
+        ]
+
+    def _run_windows(self, windows: Sequence[list[int]]):
+        """Encode windows of ids in one batch -> hidden (N, T, D), mask (N, T), pooled (N, D') | None."""
+        import torch
+
+        length = self.window_length if self.pad_windows else max(len(w) for w in windows)
+        ids = torch.full((len(windows), length), self.pad_id, dtype=torch.long)  # (N, T)
+        mask = torch.zeros((len(windows), length), dtype=torch.long)  # (N, T)
+        for n, window in enumerate(windows):
+            ids[n, : len(window)] = torch.tensor(window, dtype=torch.long)
+            mask[n, : len(window)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden, pooled = self._forward(ids, mask)
+        return hidden, mask, pooled
+
+    def _empty_window_hidden(self) -> "torch.Tensor":
+        """The empty prompt's one window, (T, D): CLIP's weight reference and padding."""
+        import torch
+
+        if self._empty_window is None:
+            with torch.no_grad():
+                hidden, _, _ = self._run_windows([self.prefix + self.suffix])
+            self._empty_window = hidden[0]
+        return self._empty_window
+
+    def _encode_uncached(self, prompts: list[str]) -> list[_Encoded]:
+        import torch
+
+        windows = [w for i, p in enumerate(prompts) for w in self._windows(i, p)]
+        hidden, mask, pooled = self._run_windows([w.ids for w in windows])
+        per_prompt: list[list[tuple]] = [[] for _ in prompts]
+        for n, window in enumerate(windows):
+            length = hidden.shape[1] if self.pad_windows else len(window.ids)
+            h = hidden[n, :length]  # (T_w, D)
+            weighted = h
+            if any(w != 1.0 for w in window.weights):
+                weight = torch.ones(length, dtype=h.dtype, device=h.device)
+                weight[: len(window.weights)] = torch.tensor(window.weights, dtype=h.dtype)
+                reference = self._weight_reference(length)
+                if reference is None:
+                    scaled = h * weight[:, None]
+                else:
+                    scaled = reference + (h - reference) * weight[:, None]
+                # tokens of weight 1 keep their exact values (ref + (h - ref) * 1 may round)
+                weighted = torch.where((weight != 1.0)[:, None], scaled, h)
+            per_prompt[window.prompt].append(
+                (h, weighted, mask[n, :length], None if pooled is None else pooled[n])
+            )
+        results = []
+        for parts in per_prompt:
+            results.append(
+                _Encoded(
+                    torch.cat([weighted for _, weighted, _, _ in parts]),  # (L, D)
+                    torch.cat([m for _, _, m, _ in parts]),  # (L,)
+                    self._pool([h for h, _, _, _ in parts], [p for _, _, _, p in parts]),
+                )
+            )
+        return results
+
+
+__all__ = ["FrozenTextEncoder", "check_prompts", "pad_to_same_length"]
