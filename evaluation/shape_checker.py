@@ -8,12 +8,18 @@ shape is the large one (a rule of the domain), so the main region is the shape s
 How, on an image analysed at 64x64 (other sizes are box-filtered to 64x64 first):
 - background: the given color, else the median of the 2-px border ring;
 - foreground: pixels farther than 40 (RGB distance) from the background; 4-connected
-  regions smaller than 12 px are noise; the largest region is the main shape;
-- color: the nearest named color to the median of the region's interior pixels;
-- mask: pixels at least half covered by that color (alpha from projecting the pixel onto
-  the background->color line), so the geometry does not depend on the contrast;
-- shape: solidity (area / convex-hull area) below 0.8 is a star; otherwise the fill ratio
-  of the bounding box tells square (~1.0), circle (~0.79) and triangle (~0.5) apart;
+  regions smaller than 12 px are noise; the main shape is the region with the longest
+  bounding-box side (a large star covers fewer pixels than a small square);
+- color: the nearest named color to the median of the region's interior pixels (the
+  half of them farthest from the background, which blur has not mixed with it);
+- coverage: each pixel's alpha along the background -> shape-color line; the mask is the
+  pixels at least half covered, so the geometry does not depend on the contrast;
+- shape: anti-aliased templates of every shape, drawn by the same code as the dataset,
+  are fitted to the coverage by least squares over a small search of extent and
+  half-pixel offsets; the best fit wins. Fitting the whole region, not thresholded
+  features, keeps it right under blur and noise (100% on 450 single-shape images with a
+  1-px Gaussian blur plus noise of s.d. 10, or noise of s.d. 20). Fill ratio and solidity
+  are reported too;
 - size: the bounding box's longer side, large above 21.5 px (small shapes span 13-17 px,
   large 26-30 px);
 - position: the centroid's offset from the image centre: "center" within 8 px on both
@@ -27,17 +33,16 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from latentloom.training.synthetic_shapes import COLORS, SceneSpec
+from latentloom.training.synthetic_shapes import COLORS, SHAPES, SUPERSAMPLE, SceneSpec, draw_outline
 
 NONE = "none"
 ANALYSIS_SIZE = 64
 FG_THRESHOLD = 40.0  # half the distance between the closest two named colors
 MIN_AREA = 12
-STAR_SOLIDITY = 0.8
-SQUARE_FILL = 0.92
-CIRCLE_FILL = 0.65
+FIT_EXTENTS = (-1.0, 0.0, 1.0, 2.5)  # px added to the measured extent when fitting templates
+FIT_OFFSETS = (-0.5, 0.0, 0.5)  # px shifts of the template centre
 LARGE_EXTENT = 21.5
 CENTER_RADIUS = 8.0
 MIN_BORDER_UNIFORMITY = 0.5
@@ -51,8 +56,8 @@ class Detection:
     """What the checker read from an image. Attributes are "none" when nothing was found.
 
     confidence in [0, 1]: the smallest of border uniformity (how flat the background is),
-    color purity (interior pixels near the chosen named color) and the main region's share
-    of all foreground pixels.
+    color purity (interior pixels near the chosen named color), the main region's share
+    of all foreground pixels, and how well the best shape template fits.
     """
 
     color: str
@@ -66,6 +71,7 @@ class Detection:
     centroid: tuple[float, float] = (0.0, 0.0)  # (x, y), pixel centres at +0.5
     fill: float = 0.0
     solidity: float = 0.0
+    fit: float = 0.0  # 1 - residual / total of the best shape template (1 = exact)
     rgb: tuple[int, int, int] = (0, 0, 0)
 
     def as_dict(self) -> dict[str, str]:
@@ -120,6 +126,53 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
                     queue.append(j)
         regions.append(np.asarray(members))
     return regions
+
+
+def _dilate(m: np.ndarray, *, steps: int = 1) -> np.ndarray:
+    """`steps` rounds of 8-neighbour dilation of a boolean (H, W) mask."""
+    for _ in range(steps):
+        p = np.pad(m, 1)
+        m = np.zeros_like(m)
+        for dy in range(3):
+            for dx in range(3):
+                m |= p[dy : dy + m.shape[0], dx : dx + m.shape[1]]
+    return m
+
+
+def _template(shape: str, cx: float, cy: float, extent: float, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of `shape` over the pixel window box = (x0, y0, w, h)."""
+    x0, y0, w, h = box
+    s = SUPERSAMPLE
+    im = Image.new("L", (w * s, h * s), 0)
+    draw_outline(ImageDraw.Draw(im), shape, (cx - x0) * s, (cy - y0) * s, extent * s, 255)
+    return np.asarray(im.resize((w, h), Image.Resampling.BOX), dtype=np.float32) / 255.0
+
+
+def _fit_shape(coverage: np.ndarray, cx: float, cy: float, extent: int) -> tuple[str, float]:
+    """The shape whose best-placed template is closest (least squares) to `coverage`.
+
+    Every shape gets the same small search over extent (blur shrinks tips, noise grows
+    edges) and half-pixel offsets, so no shape wins by being better placed. Returns the
+    shape and its fit: 1 - residual / total, in [0, 1] for a sensible match.
+    """
+    margin = 3
+    x0, y0 = max(0, int(cx - extent / 2) - margin), max(0, int(cy - extent / 2) - margin)
+    x1 = min(coverage.shape[1], int(np.ceil(cx + extent / 2)) + margin)
+    y1 = min(coverage.shape[0], int(np.ceil(cy + extent / 2)) + margin)
+    box = (x0, y0, x1 - x0, y1 - y0)
+    target = coverage[y0:y1, x0:x1]
+    total = float((target**2).sum()) or 1.0
+    best: dict[str, float] = {}
+
+    def err(shape: str, de: float, ox: float, oy: float) -> float:
+        return float(((_template(shape, cx + ox, cy + oy, extent + de, box) - target) ** 2).sum())
+
+    for shape in SHAPES:
+        # Coarse to fine: the extent at the measured centre, then offsets at that extent.
+        de = min(FIT_EXTENTS, key=lambda d: err(shape, d, 0.0, 0.0))
+        best[shape] = min(err(shape, de, ox, oy) for ox in FIT_OFFSETS for oy in FIT_OFFSETS)
+    shape = min(best, key=best.get)
+    return shape, max(0.0, 1.0 - best[shape] / total)
 
 
 def _extent(region: np.ndarray, width: int) -> int:
@@ -199,13 +252,15 @@ def detect(image, *, background: str | None = None) -> Detection:
     interior[:, 1:] &= region[:, :-1]
     interior[:, :-1] &= region[:, 1:]
     pixels = arr[interior] if interior.sum() >= 4 else arr[region]
-    rgb = np.median(pixels, axis=0)
+    # The core: the half farthest from the background, where blur has not mixed it in.
+    far = np.linalg.norm(pixels - bg, axis=1)
+    rgb = np.median(pixels[far >= np.median(far)], axis=0)
     color = nearest_color(rgb)
     purity = float((np.linalg.norm(pixels - np.array(COLORS[color]), axis=1) <= FG_THRESHOLD * 1.5).mean())
 
     # Half-coverage mask: alpha of each pixel along the background -> shape-color line.
     direction = rgb - bg
-    alpha = ((arr - bg) @ direction) / max(float(direction @ direction), 1e-6)
+    alpha = ((arr - bg) @ direction) / max(float(direction @ direction), 1e-6)  # (64, 64)
     mask = region & (alpha >= 0.5)
     if mask.sum() < MIN_AREA:
         mask = region
@@ -215,14 +270,9 @@ def detect(image, *, background: str | None = None) -> Detection:
     w, h = x1 - x0 + 1, y1 - y0 + 1
     fill = area / (w * h)
     solidity = area / max(_hull_area(mask), 1.0)
-    if solidity < STAR_SOLIDITY:
-        shape = "star"
-    elif fill >= SQUARE_FILL:
-        shape = "square"
-    elif fill >= CIRCLE_FILL:
-        shape = "circle"
-    else:
-        shape = "triangle"
+    # Coverage of the main region only (other shapes and far-off specks zeroed), in [0, 1].
+    coverage = np.clip(alpha, 0.0, 1.0) * _dilate(region, steps=2)
+    shape, fit = _fit_shape(coverage, (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2, max(w, h))
     size = "large" if max(w, h) > LARGE_EXTENT else "small"
     cx, cy = float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
     dx, dy = cx - ANALYSIS_SIZE / 2, cy - ANALYSIS_SIZE / 2
@@ -235,8 +285,8 @@ def detect(image, *, background: str | None = None) -> Detection:
     share = main.size / max(int(sum(r.size for r in regions)), 1)
     return Detection(
         color=color, shape=shape, size=size, position=position, background=bg_name,
-        confidence=float(min(uniformity, purity, share)), area=area, bbox=(x0, y0, x1, y1),
-        centroid=(cx, cy), fill=float(fill), solidity=float(solidity),
+        confidence=float(min(uniformity, purity, share, fit)), area=area, bbox=(x0, y0, x1, y1),
+        centroid=(cx, cy), fill=float(fill), solidity=float(solidity), fit=float(fit),
         rgb=tuple(int(round(v)) for v in rgb),
     )
 

@@ -3,7 +3,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from latentloom.evaluation import shape_checker as sc
 from latentloom.training import synthetic_shapes as ss
@@ -42,7 +42,7 @@ def test_each_shape_and_size_in_canonical_form(shape, size):
         found = sc.detect(ss.render(scene))
         assert (found.shape, found.size, found.position, found.color, found.background) == (
             shape, size, position, "orange", "yellow")
-        assert found.confidence > 0.9
+        assert found.confidence > 0.9 and found.fit > 0.9
 
 
 def test_accepts_arrays_and_other_sizes():
@@ -79,13 +79,18 @@ def test_blank_image_has_no_shape_but_a_background():
     assert found.shape == "none" and found.background == "pink"
 
 
-def test_mild_noise_keeps_the_answer():
+def test_blur_and_noise_keep_the_answer():
+    # Generated images are softer and noisier than the renderer's: the checker must hold up.
     rng = np.random.default_rng(1)
-    for image, _, scene in ss.make_dataset(40, seed=13):
-        if len(scene.shapes) != 1:
-            continue
-        noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, size=(64, 64, 3))
-        assert all(sc.score(noisy, scene).values()), scene
+    items = [it for it in ss.make_dataset(160, seed=13) if len(it[2].shapes) == 1]
+    wrong = Counter()
+    for image, _, scene in items:
+        soft = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0)), dtype=np.float32)
+        noisy = soft + rng.normal(0, 10, size=(64, 64, 3))
+        for k, ok in sc.score(noisy, scene).items():
+            wrong[k] += not ok
+    assert len(items) >= 100
+    assert all(v <= 0.02 * len(items) for v in wrong.values()), wrong
 
 
 def test_score_only_checks_what_the_scene_states():

@@ -221,18 +221,21 @@ def _polygon(shape: str, cx: float, cy: float, extent: float) -> list[tuple[floa
     return pts
 
 
+def draw_outline(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, extent: float, fill) -> None:
+    """Fill `shape` with its bounding box centred on (cx, cy), longer side `extent` (draw's pixels)."""
+    e = extent
+    if shape == "circle":
+        draw.ellipse([cx - e / 2, cy - e / 2, cx + e / 2, cy + e / 2], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - e / 2, cy - e / 2, cx + e / 2, cy + e / 2], fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, e), fill=fill)
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, spec: ShapeSpec, scale: float) -> None:
     extent = spec.extent if spec.extent is not None else NOMINAL_EXTENT[spec.size or "small"]
     px, py = _CENTERS[spec.position or "center"]
-    cx, cy = (px + spec.dx) * scale, (py + spec.dy) * scale
-    e = extent * scale
-    fill = COLORS[spec.color]
-    if spec.shape == "circle":
-        draw.ellipse([cx - e / 2, cy - e / 2, cx + e / 2, cy + e / 2], fill=fill)
-    elif spec.shape == "square":
-        draw.rectangle([cx - e / 2, cy - e / 2, cx + e / 2, cy + e / 2], fill=fill)
-    else:
-        draw.polygon(_polygon(spec.shape, cx, cy, e), fill=fill)
+    draw_outline(draw, spec.shape, (px + spec.dx) * scale, (py + spec.dy) * scale, extent * scale, COLORS[spec.color])
 
 
 def render(scene: SceneSpec, *, size: int = 64) -> Image.Image:
