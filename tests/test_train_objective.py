@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from latentloom.training.config import TrainConfig
-from latentloom.training.data_order import StreamBatchSampler
+from latentloom.training.data_order import PositionedDataset, StreamBatchSampler
 from latentloom.training.lr_schedule import lr_factor, make_lr_scheduler
 from latentloom.training.objective import add_noise, diffusion_loss, min_snr_weight
 
@@ -88,18 +88,19 @@ def test_lr_schedules():
 
 
 def test_stream_sampler_covers_each_epoch_and_resumes_anywhere():
-    full = iter(StreamBatchSampler(10, batch_size=3, seed=7))
-    batches = [next(full) for _ in range(10)]  # 30 items = 3 epochs
+    sampler = StreamBatchSampler(10, batch_size=3, seed=7)
+    full = iter(sampler)
+    batches = [sampler.indices(next(full)) for _ in range(10)]  # 30 items = 3 epochs
     stream = [i for b in batches for i in b]
     for epoch in range(3):
         assert sorted(stream[epoch * 10:(epoch + 1) * 10]) == list(range(10))
     assert stream[:10] != stream[10:20]  # reshuffled each epoch
     resumed = iter(StreamBatchSampler(10, batch_size=3, seed=7, position=12))
-    assert [next(resumed) for _ in range(6)] == batches[4:]
+    assert [sampler.indices(next(resumed)) for _ in range(6)] == batches[4:]
     # two processes split each global batch
     r0 = iter(StreamBatchSampler(10, batch_size=3, seed=7, rank=0, world_size=2))
     r1 = iter(StreamBatchSampler(10, batch_size=3, seed=7, rank=1, world_size=2))
-    merged = [i for _ in range(5) for i in next(r0) + next(r1)]
+    merged = sampler.indices([i for _ in range(5) for i in next(r0) + next(r1)])
     assert merged == stream
 
 
@@ -139,3 +140,21 @@ def test_config_validation():
     cfg = TrainConfig(data="d", steps=3)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert math.isclose(cfg.lr, 1e-4)
+
+
+def test_positioned_dataset_sets_the_epoch_before_reading():
+    class Recorder:
+        epoch = 0
+
+        def __len__(self):
+            return 4
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __getitem__(self, index):
+            return (self.epoch, index)
+
+    ds = PositionedDataset(Recorder(), num_items=4, seed=3)
+    order = StreamBatchSampler(4, batch_size=1, seed=3)
+    assert [ds[p] for p in range(9)] == [(p // 4, order.index_at(p)) for p in range(9)]

@@ -75,6 +75,9 @@ class TrainConfig:
     seed: int = 0
     resume: str | None = None  # a checkpoint folder, or "latest"
     checkpoint_every: int = 500
+    # Stop after this many steps in this invocation (with a checkpoint), e.g. for time-sliced
+    # jobs; `resume="latest"` continues. None: run to `steps` and export.
+    stop_after: int | None = None
     checkpoints_total_limit: int | None = 2
     log_every: int = 10
     num_workers: int = 0
@@ -98,6 +101,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"stop_after must be >= 1 (or None), got {self.stop_after}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if not 0.0 < self.ema_decay < 1.0:

@@ -8,12 +8,14 @@ every item of an epoch is seen once before any is seen twice (no drop_last waste
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 
 class StreamBatchSampler:
-    """Yields lists of dataset indices for one process, from ``position`` onwards.
+    """Yields lists of stream positions for one process, from ``position`` onwards
+    (``PositionedDataset`` turns a position into its epoch and dataset index).
 
     Global batch g covers stream positions [g * B * W, (g + 1) * B * W) where B is the
     per-process batch size and W the number of processes; process r takes the r-th slice.
@@ -44,8 +46,32 @@ class StreamBatchSampler:
         start = self.position
         while True:
             first = start + self.rank * self.batch_size
-            yield [self.index_at(p) for p in range(first, first + self.batch_size)]
+            yield list(range(first, first + self.batch_size))
             start += global_batch
 
-    def epoch_at(self, position: int) -> float:
-        return position / self.num_items
+    def indices(self, positions: list[int]) -> list[int]:
+        return [self.index_at(p) for p in positions]
+
+
+class PositionedDataset(torch.utils.data.Dataset):
+    """Reads the dataset item at a stream position, telling the dataset its epoch first.
+
+    Datasets with ``set_epoch`` (CaptionedImageDataset, and LatentCache through its
+    ``dataset``) then draw their augmentations from (seed, epoch, index) alone, which is
+    what makes a resumed run see the very same crops and flips.
+    """
+
+    def __init__(self, dataset: Any, *, num_items: int, seed: int) -> None:
+        self.dataset = dataset
+        self.order = StreamBatchSampler(num_items, batch_size=1, seed=seed)
+        base = getattr(dataset, "dataset", dataset)
+        self._epoch_holder = base if hasattr(base, "set_epoch") else None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position: int) -> Any:
+        epoch = position // self.order.num_items
+        if self._epoch_holder is not None and self._epoch_holder.epoch != epoch:
+            self._epoch_holder.set_epoch(epoch)
+        return self.dataset[self.order.index_at(position)]

@@ -20,7 +20,7 @@ def train_alphas_cumprod(
     """(T,) float64 cumulative alphas of the training schedule (the samplers' make_betas)."""
     from latentloom.samplers.schedules import make_betas, rescale_zero_terminal_snr as rescale
 
-    betas = make_betas(beta_schedule, num_train_timesteps, beta_start=beta_start, beta_end=beta_end)
+    betas = make_betas(beta_schedule, num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end)
     betas = torch.as_tensor(betas, dtype=torch.float64)
     if rescale_zero_terminal_snr:
         betas = torch.as_tensor(rescale(betas), dtype=torch.float64)

@@ -1,0 +1,129 @@
+"""The UNet training loop end to end on a tiny config: exact resume, grad accumulation,
+export layout, fine-tuning from an exported folder, caption dropout."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from latentloom.training.config import TrainConfig
+from latentloom.training.loop import train
+from latentloom.training.synthetic_shapes import write_dataset
+from latentloom.training.task_unet import drop_captions
+from latentloom.unet import UNet, UNetConfig
+
+TINY = dict(channels=[8, 16], layers_per_level=1, attention_levels=[False, True], num_heads=2,
+            context_dim=384, norm_groups=8, in_channels=3, out_channels=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: thread start-up and contention with other processes cost more than they save.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("shapes"), 12, seed=0)
+
+
+@pytest.fixture(scope="module")
+def unet_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "unet.json"
+    UNetConfig(**TINY).save_json(path)
+    return str(path)
+
+
+def run(data, unet_config, out, **kw):
+    values = dict(data=str(data), output=str(out), model_config=unet_config, resolution=16, batch_size=3,
+                  steps=4, lr=1e-3, lr_warmup_steps=1, checkpoint_every=2, ema=True, ema_decay=0.9,
+                  caption_dropout=0.3, min_snr_gamma=5.0, noise_offset=0.1, random_flip=True, progress=False)
+    values.update(kw)
+    return train(TrainConfig(**values))
+
+
+def weights(folder):
+    return load_file(str(folder / "unet" / "model.safetensors"))
+
+
+def test_resume_equals_uninterrupted(data, unet_config, tmp_path):
+    straight = run(data, unet_config, tmp_path / "a", steps=5, prediction_type="v_prediction")
+    stopped = run(data, unet_config, tmp_path / "b", steps=5, prediction_type="v_prediction",
+                  stop_after=2)
+    assert sorted(p.name for p in (stopped / "checkpoints" / "unet").iterdir()) == ["checkpoint-2"]
+    resumed = run(data, unet_config, tmp_path / "b", steps=5, prediction_type="v_prediction", resume="latest")
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    ckpt_a = load_file(str(straight / "checkpoints" / "unet" / "checkpoint-5" / "model.safetensors"))
+    ckpt_b = load_file(str(resumed / "checkpoints" / "unet" / "checkpoint-5" / "model.safetensors"))
+    for k in ckpt_a:
+        torch.testing.assert_close(ckpt_a[k], ckpt_b[k], rtol=0, atol=0, msg=k)
+
+
+def test_export_layout_and_ema(data, unet_config, tmp_path):
+    out = run(data, unet_config, tmp_path / "out", steps=3, checkpoint_every=10)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["format"] == "latentloom" and index["version"] == 1
+    assert index["text_encoder"] == {"kind": "minilm"} and index["resolution"] == 16
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+                "timestep_spacing", "steps_offset", "rescale_betas_zero_snr"):
+        assert key in sched
+    unet = UNet.from_pretrained(out / "unet")
+    assert unet.config == UNetConfig(**TINY)
+    # exported weights are the EMA, not the last step's raw weights
+    raw = load_file(str(out / "checkpoints" / "unet" / "checkpoint-3" / "model.safetensors"))
+    ema = load_file(str(out / "checkpoints" / "unet" / "checkpoint-3" / "ema.safetensors"))
+    exported = weights(out)
+    name = "conv_in.weight"
+    torch.testing.assert_close(exported[name], ema[f"shadow.{name}"])
+    assert not torch.equal(exported[name], raw[name])
+    assert not any(p.name.startswith(".tmp") for p in out.iterdir())
+
+
+def test_grad_accumulation_matches_a_bigger_batch(data, unet_config, tmp_path):
+    # Same 6 images per step: 1 x 6 vs 2 x 3 (no dropout/noise offset so only the batching differs;
+    # the noise draws differ per micro-batch, so compare the data order and that both train).
+    big = run(data, unet_config, tmp_path / "big", steps=2, batch_size=6, ema=False)
+    acc = run(data, unet_config, tmp_path / "acc", steps=2, batch_size=3, grad_accum=2, ema=False)
+    for out in (big, acc):
+        state = json.loads((out / "checkpoints" / "unet" / "checkpoint-2" / "state.json").read_text())
+        assert state["position"] == 12
+    assert not torch.equal(weights(big)["conv_in.weight"], weights(acc)["conv_in.weight"])
+
+
+def test_fine_tune_from_exported_folder(data, unet_config, tmp_path):
+    base = run(data, unet_config, tmp_path / "base", steps=2, ema=False, prediction_type="v_prediction")
+    with pytest.warns(UserWarning, match="prediction_type"):
+        tuned = run(data, None, tmp_path / "tuned", steps=2, ema=False, pretrained=str(base), model_config=None)
+    sched = json.loads((tuned / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction"  # the model's own objective is kept
+    assert UNet.from_pretrained(tuned / "unet").config == UNet.from_pretrained(base / "unet").config
+    assert not torch.equal(weights(base)["conv_in.weight"], weights(tuned)["conv_in.weight"])
+
+
+def test_caption_dropout():
+    gen = torch.Generator().manual_seed(0)
+    captions = [f"c{i}" for i in range(2000)]
+    dropped = drop_captions(captions, p=0.25, generator=gen)
+    share = sum(c == "" for c in dropped) / len(dropped)
+    assert 0.2 < share < 0.3
+    assert all(d in ("", c) for d, c in zip(dropped, captions))
+    assert drop_captions(captions[:3], p=0.0, generator=gen) == captions[:3]
+    assert drop_captions(captions[:3], p=1.0, generator=gen) == ["", "", ""]
+
+
+def test_config_errors_reach_the_user(data, tmp_path):
+    bad = tmp_path / "bad.json"
+    UNetConfig(**{**TINY, "context_dim": 32}).save_json(bad)
+    with pytest.raises(ValueError, match="context_dim=32"):
+        run(data, str(bad), tmp_path / "o", steps=1)
+    wrong_in = tmp_path / "wrong_in.json"
+    UNetConfig(**{**TINY, "in_channels": 4}).save_json(wrong_in)
+    with pytest.raises(ValueError, match="in_channels=4"):
+        run(data, str(wrong_in), tmp_path / "o", steps=1)

@@ -1,0 +1,199 @@
+"""Training task for the denoiser: the text-to-image UNet, and the upscaler stage.
+
+The UNet learns the discrete DDPM objective on VAE latents (or on pixels when no VAE is
+given) with the frozen text encoder's tokens as cross-attention context. The upscaler is
+the same UNet with the low-resolution image concatenated onto its input channels and the
+noise level of that image's augmentation as ``class_labels`` (SD x4 upscaler, Imagen's
+noise conditioning augmentation, Ho et al. 2021 "Cascaded diffusion models" sec. 4.1).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentloom.training.config import TrainConfig
+from latentloom.training.export import (
+    copy_component, scheduler_config, update_model_index, write_component, write_json_atomic,
+)
+from latentloom.training.objective import diffusion_loss
+
+# The upscaler's low-resolution image is noised with its own fixed schedule (the SD x4
+# upscaler's "low_res_scheduler": linear betas 1e-4 .. 0.02 over 1000 steps).
+LOW_RES_NOISE = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "num_train_timesteps": 1000}
+
+
+def drop_captions(captions: list[str], *, p: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by "" with probability p (for classifier-free guidance)."""
+    if p <= 0:
+        return list(captions)
+    keep = torch.rand(len(captions), generator=generator) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def low_res_alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(LOW_RES_NOISE["beta_start"], LOW_RES_NOISE["beta_end"], LOW_RES_NOISE["num_train_timesteps"],
+                           dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, 0)
+
+
+def degrade(hi: torch.Tensor, *, low_resolution: int) -> torch.Tensor:
+    """(B, 3, R, R) -> (B, 3, r, r): the low-resolution view the upscaler is given."""
+    return F.interpolate(hi, size=(low_resolution, low_resolution), mode="area")
+
+
+def upscaler_condition(
+    low: torch.Tensor, *, noise_level: torch.Tensor, size: tuple[int, int], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Noise the low-res image at ``noise_level`` (B,) and resize it to the UNet's input size.
+
+    The pipeline calls this too (with its chosen noise level), so train and sample agree.
+    """
+    ac = low_res_alphas_cumprod().to(low.device)[noise_level].to(low.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    eps = torch.randn(low.shape, device=low.device, dtype=low.dtype, generator=generator)
+    noisy = ac.sqrt() * low + (1.0 - ac).sqrt() * eps
+    return F.interpolate(noisy, size=size, mode="bilinear", align_corners=False)
+
+
+class UNetTask:
+    """Batches of {"pixel_values": (B, 3, R, R) in [-1, 1], "caption": list[str]} -> loss."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        unet: nn.Module,
+        text_encoder: Any,
+        dataset: Any,
+        alphas_cumprod: torch.Tensor,
+        vae: nn.Module | None = None,
+        vae_source: str | Path | None = None,
+        copy_from: str | Path | None = None,
+        upscaler: bool = False,
+    ) -> None:
+        self.cfg, self.model, self.text_encoder, self.dataset = cfg, unet, text_encoder, dataset
+        self.vae, self.vae_source, self.copy_from, self.upscaler = vae, vae_source, copy_from, upscaler
+        self.alphas_cumprod = alphas_cumprod
+        in_channels = unet.config.in_channels
+        image_channels = vae.config.latent_channels if vae is not None else 3
+        expected = image_channels + (3 if upscaler else 0)
+        if in_channels != expected:
+            raise ValueError(
+                f"the UNet config has in_channels={in_channels}, but this task feeds {expected} "
+                f"({image_channels} {'latent' if vae is not None else 'pixel'} channels"
+                f"{' + 3 low-resolution image channels' if upscaler else ''})"
+            )
+        if upscaler and getattr(unet.config, "num_class_embeds", None) is None:
+            raise ValueError("the upscaler UNet needs num_class_embeds (the noise-level embedding) in its config")
+        if upscaler and unet.config.num_class_embeds < cfg.max_noise_level + 1:
+            raise ValueError(
+                f"num_class_embeds={unet.config.num_class_embeds} cannot embed noise levels up to "
+                f"max_noise_level={cfg.max_noise_level}"
+            )
+
+    # ------------------------------------------------------------------ per batch
+    @staticmethod
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Images ({"pixel_values", "caption"}) or cached latents ({"latents", "caption", ...})."""
+        key = "latents" if "latents" in items[0] else "pixel_values"
+        return {key: torch.stack([it[key] for it in items]), "caption": [it["caption"] for it in items]}
+
+    @torch.no_grad()
+    def targets(self, pixels: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+        """x0 the UNet learns to make: scaled VAE latents, or the pixels themselves."""
+        if self.vae is None:
+            return pixels
+        from latentloom.pipelines.vae import encode_images
+
+        return encode_images(self.vae, pixels, generator=generator).to(pixels.dtype)
+
+    @torch.no_grad()
+    def context(self, captions: list[str], *, device: torch.device):
+        # A LatentCache holds the captions' embeddings (and encodes "" once for dropout).
+        encode = self.dataset.text if hasattr(self.dataset, "text") else self.text_encoder.encode
+        emb = encode(list(captions))
+        return emb.hidden.to(device=device, dtype=torch.float32), emb.mask.to(device)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], *, generators: dict[str, torch.Generator]) -> torch.Tensor:
+        cfg = self.cfg
+        device = generators["noise"].device
+        captions = drop_captions(batch["caption"], p=cfg.caption_dropout, generator=generators["host"])
+        hidden, mask = self.context(captions, device=device)  # (B, L, D), (B, L)
+        if "latents" in batch:
+            pixels = None
+            x0 = batch["latents"].to(device=device, dtype=torch.float32)  # (B, C, h, w)
+        else:
+            pixels = batch["pixel_values"].to(device=device, dtype=torch.float32)  # (B, 3, R, R)
+            x0 = self.targets(pixels, generator=generators["noise"])  # (B, C, h, w)
+        extra: dict[str, Any] = {}
+        cond = None
+        if self.upscaler:
+            low = degrade(pixels, low_resolution=cfg.low_resolution)
+            noise_level = torch.randint(0, cfg.max_noise_level + 1, (x0.shape[0],), device=device,
+                                        generator=generators["noise"])
+            cond = upscaler_condition(low, noise_level=noise_level, size=tuple(x0.shape[-2:]),
+                                      generator=generators["noise"])
+            extra["class_labels"] = noise_level
+
+        def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x_in = x_t if cond is None else torch.cat([x_t, cond], dim=1)
+            return model(x_in, t, hidden, context_mask=mask, **extra)
+
+        return diffusion_loss(
+            predict, x0, alphas_cumprod=self.alphas_cumprod, prediction_type=cfg.prediction_type,
+            generator=generators["noise"], min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
+        )
+
+    # ------------------------------------------------------------------ export
+    def schedule(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return scheduler_config(
+            num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
+            beta_end=cfg.beta_end, prediction_type=cfg.prediction_type,
+            rescale_zero_terminal_snr=cfg.rescale_zero_terminal_snr,
+        )
+
+    def export(self, model: nn.Module, output: Path) -> None:
+        cfg = self.cfg
+        if self.upscaler:
+            self._export_upscaler(model, output)
+            return
+        write_component(output, "unet", lambda tmp: model.save_pretrained(tmp))
+        write_component(output, "scheduler", lambda tmp: write_json_atomic(tmp / "scheduler_config.json", self.schedule()))
+        if self.vae_source is not None:
+            copy_component(self.vae_source, output, "vae")
+        if self.copy_from is not None:  # fine-tuning: keep the other stages of the source model
+            for name in ("clip", "upscaler"):
+                if (Path(self.copy_from) / name).is_dir() and not (Path(output) / name).exists():
+                    copy_component(Path(self.copy_from) / name, output, name)
+        update_model_index(
+            output,
+            text_encoder={"kind": cfg.text_encoder},
+            resolution=cfg.resolution,
+            space="latent" if self.vae is not None else "pixel",
+        )
+
+    def _export_upscaler(self, model: nn.Module, output: Path) -> None:
+        cfg = self.cfg
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp / "unet")
+            write_json_atomic(tmp / "scheduler" / "scheduler_config.json", self.schedule())
+            if self.vae_source is not None:
+                import shutil
+
+                shutil.copytree(self.vae_source, tmp / "vae")
+            write_json_atomic(tmp / "model_index.json", {
+                "format": "latentloom", "version": 1, "kind": "upscaler",
+                "text_encoder": {"kind": cfg.text_encoder},
+                "resolution": cfg.resolution, "low_resolution": cfg.low_resolution,
+                "space": "latent" if self.vae is not None else "pixel",
+                "max_noise_level": cfg.max_noise_level, "low_res_noise": LOW_RES_NOISE,
+                # How the condition is made: see training.task_unet.upscaler_condition.
+                "condition": "area-downsampled image, noised at noise_level, bilinear-resized, concatenated after x",
+            })
+
+        write_component(output, "upscaler", write)

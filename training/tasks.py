@@ -1,0 +1,178 @@
+"""Build the task for ``cfg.model`` from files: data, frozen encoders, the model to train.
+
+From scratch: ``cfg.model_config`` (a JSON file of the model's config; a small default
+when absent). Fine-tuning: ``cfg.pretrained`` (a latentloom model folder).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from latentloom.training.config import TrainConfig
+from latentloom.training.export import find_vae_folder, read_scheduler_config
+from latentloom.training.objective import train_alphas_cumprod
+
+
+def load_dataset(cfg: TrainConfig):
+    from latentloom.training.data import CaptionedImageDataset
+
+    if cfg.data is None:
+        raise ValueError(f"training model={cfg.model!r} needs data=<folder of captioned images>")
+    return CaptionedImageDataset(cfg.data, resolution=cfg.resolution, crop=cfg.crop, random_flip=cfg.random_flip,
+                                 seed=cfg.seed)
+
+
+def load_text_encoder(kind: str, *, device: torch.device):
+    """The frozen text encoder named in the model folder ("minilm" is the bundled one)."""
+    if kind != "minilm":
+        raise ValueError(f"text_encoder {kind!r} is not supported by `latentloom train`; use 'minilm'")
+    from latentloom.text_encoders import MiniLMEncoder
+
+    # Captions are plain text (no "(word:1.2)" weighting); a big cache encodes each caption once.
+    return MiniLMEncoder(weighting=False, cache_size=1 << 16).to(device)
+
+
+def _read_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    return json.loads(path.read_text())
+
+
+def _unet_config(cfg: TrainConfig, *, in_channels: int, out_channels: int, context_dim: int, upscaler: bool):
+    from latentloom.unet import UNetConfig
+
+    if cfg.model_config is not None:
+        config = UNetConfig.load_json(cfg.model_config)
+    else:
+        extra = {"num_class_embeds": cfg.max_noise_level + 1} if upscaler else {}
+        config = UNetConfig.tiny(in_channels=in_channels, out_channels=out_channels, context_dim=context_dim, **extra)
+    if config.context_dim != context_dim:
+        raise ValueError(f"the UNet config has context_dim={config.context_dim}, the text encoder gives {context_dim}")
+    return config
+
+
+def _check_schedule_matches(cfg: TrainConfig, schedule: dict[str, Any], source: Path) -> TrainConfig:
+    """Fine-tuning keeps the model's own noise schedule and prediction type."""
+    keys = {"num_train_timesteps": "num_train_timesteps", "beta_schedule": "beta_schedule",
+            "beta_start": "beta_start", "beta_end": "beta_end", "prediction_type": "prediction_type",
+            "rescale_betas_zero_snr": "rescale_zero_terminal_snr"}
+    changed = {}
+    for theirs, ours in keys.items():
+        if theirs in schedule and schedule[theirs] != getattr(cfg, ours):
+            changed[ours] = schedule[theirs]
+    if changed:
+        warnings.warn(f"fine-tuning {source}: using its scheduler settings {changed} instead of the run's", stacklevel=3)
+        values = cfg.to_dict()
+        values.update(changed)
+        return TrainConfig.from_dict(values)
+    return cfg
+
+
+def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
+              barrier: Callable[[], None] = lambda: None):
+    if cfg.model == "vae":
+        from latentloom.training.task_vae import VAETask, build_vae
+
+        if cfg.pretrained is not None:
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(str(find_vae_folder(cfg.pretrained)))
+        else:
+            vae = build_vae(cfg.model_config, resolution=cfg.resolution)
+        if cfg.gradient_checkpointing:
+            vae.enable_gradient_checkpointing()
+        return VAETask(cfg, vae=vae, dataset=load_dataset(cfg))
+
+    text_encoder = load_text_encoder(cfg.text_encoder, device=device)
+    if cfg.model == "clip":
+        from latentloom.training.image_text import ImageTextConfig, ImageTextModel
+        from latentloom.training.task_clip import ClipTask
+
+        if cfg.pretrained is not None:
+            model = ImageTextModel.from_pretrained(Path(cfg.pretrained) / "clip").train()
+        else:
+            values = _read_json(cfg.model_config) if cfg.model_config else {}
+            values.setdefault("text_dim", text_encoder.hidden_size)
+            values.setdefault("resolution", cfg.resolution)
+            model = ImageTextModel(ImageTextConfig.from_dict(values))
+        return ClipTask(cfg, model=model, text_encoder=text_encoder, dataset=load_dataset(cfg))
+
+    from latentloom.training.task_unet import UNetTask
+    from latentloom.unet import UNet
+
+    upscaler = cfg.model == "upscaler"
+    vae = vae_source = copy_from = None
+    if cfg.pretrained is not None:
+        source = Path(cfg.pretrained) / "upscaler" if upscaler else Path(cfg.pretrained)
+        cfg = _check_schedule_matches(cfg, read_scheduler_config(source), source)
+        unet = UNet.from_pretrained(source / "unet")
+        if (source / "vae").is_dir():
+            vae_source = source / "vae"
+        copy_from = None if upscaler else source
+    else:
+        unet = None
+    if cfg.vae is not None:
+        vae_source = find_vae_folder(cfg.vae)
+    elif vae_source is None and not upscaler and (Path(cfg.output) / "vae").is_dir():
+        vae_source = find_vae_folder(Path(cfg.output) / "vae")  # a VAE trained into the same OUT
+    if vae_source is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(vae_source)).to(device).eval().requires_grad_(False)
+    if unet is None:
+        image_channels = vae.config.latent_channels if vae is not None else 3
+        config = _unet_config(
+            cfg, in_channels=image_channels + (3 if upscaler else 0), out_channels=image_channels,
+            context_dim=text_encoder.hidden_size, upscaler=upscaler,
+        )
+        unet = UNet(config)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    alphas_cumprod = train_alphas_cumprod(
+        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end, rescale_zero_terminal_snr=cfg.rescale_zero_terminal_snr,
+    )
+    dataset = load_dataset(cfg)
+    if cfg.cache_latents:
+        dataset = build_latent_cache(cfg, dataset, vae=vae, vae_source=vae_source, text_encoder=text_encoder,
+                                     device=device, is_main=is_main, barrier=barrier)
+    if cfg.lora_rank:
+        from latentloom.training.lora import add_lora
+
+        add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    return UNetTask(cfg, unet=unet, text_encoder=text_encoder, dataset=dataset, alphas_cumprod=alphas_cumprod,
+                    vae=vae, vae_source=vae_source, copy_from=copy_from, upscaler=upscaler)
+
+
+def build_latent_cache(cfg: TrainConfig, dataset: Any, *, vae: Any, vae_source: Any, text_encoder: Any,
+                       device: torch.device, is_main: bool, barrier: Callable[[], None]):
+    """Encode the whole dataset once (main process), then every process reads the file."""
+    from latentloom.training.data import LatentCache
+
+    if cfg.model == "upscaler":
+        raise ValueError("cache_latents is not supported for the upscaler (it needs the pixels for its condition)")
+    if vae is None:
+        raise ValueError("cache_latents needs a VAE (pass vae=<folder>); pixel-space training has nothing to cache")
+    from latentloom.pipelines.vae import encode_images
+
+    def encode_image(pixels: torch.Tensor) -> torch.Tensor:
+        # The posterior mean: a cache stores one latent per image, and a frozen sample would be worse.
+        return encode_images(vae, pixels.to(device), sample=False).float().cpu()
+
+    # Names the VAE by its weights file (path, size, mtime): a retrained VAE invalidates the cache.
+    weights = sorted(Path(vae_source).glob("*.safetensors"))[0]
+    stat = weights.stat()
+    key = f"vae:{weights.resolve()}:{stat.st_size}:{stat.st_mtime_ns}+{cfg.text_encoder}"
+    path = Path(cfg.output) / "cache" / f"latents-{cfg.resolution}.safetensors"
+    if is_main:
+        cache = LatentCache(dataset, encode_image=encode_image, encode_text=text_encoder.encode, path=path, key=key)
+        cache.fill()
+    barrier()
+    if not is_main:
+        cache = LatentCache(dataset, encode_image=encode_image, encode_text=text_encoder.encode, path=path, key=key)
+    return cache
