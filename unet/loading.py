@@ -1,0 +1,126 @@
+"""Build a UNet from diffusers modules/folders, LDM state dicts or our own folders; save one.
+
+Weights come from safetensors only; a folder holding just pickle files (.bin) is refused.
+The UNet is built on the meta device and the checkpoint's tensors are assigned in, so
+loading SD-sized weights costs no random init and no second copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from latentloom.unet.config import UNetConfig
+from latentloom.unet.convert import (
+    check_state_dict, diffusers_to_ours, infer_config_from_ldm_state_dict, ldm_to_diffusers,
+    strip_ldm_prefix,
+)
+from latentloom.unet.model import UNet
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# Looked up in this order in a diffusers folder.
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                     "model.safetensors")
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def build_with_weights(cfg: UNetConfig, sd: Mapping[str, torch.Tensor], *, source: str,
+                       dtype: torch.dtype | None = None, copy: bool = False) -> UNet:
+    """UNet(cfg) holding exactly ``sd`` (our names); any key mismatch raises, listing the keys."""
+    with torch.device("meta"):
+        model = UNet(cfg)
+    check_state_dict(sd, model.state_dict(), source=source)
+    if dtype is None:
+        floats = {v.dtype for v in sd.values() if v.is_floating_point()}
+        dtype = floats.pop() if len(floats) == 1 else torch.float32
+    # One dtype for all weights; copy when the tensors belong to a live module.
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    if copy:
+        sd = {k: v.detach().clone() for k, v in sd.items()}
+    model.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def load_from_diffusers(module_or_folder: Any, *, dtype: torch.dtype | None = None) -> UNet:
+    if isinstance(module_or_folder, torch.nn.Module):
+        module = module_or_folder
+        if not hasattr(module, "config") or type(module).__name__ != "UNet2DConditionModel":
+            raise TypeError(f"expected a diffusers UNet2DConditionModel, got {type(module).__name__}")
+        cfg = UNetConfig.from_diffusers_config(dict(module.config))
+        sd = diffusers_to_ours(module.state_dict(), cfg)
+        return build_with_weights(cfg, sd, source=f"{type(module).__name__} state dict",
+                                  dtype=dtype, copy=True)
+    if not isinstance(module_or_folder, (str, os.PathLike)):
+        raise TypeError(f"from_diffusers takes a UNet2DConditionModel or a folder path, "
+                        f"got {type(module_or_folder).__name__}")
+    folder = Path(module_or_folder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        hint = " (a pipeline folder? pass its 'unet' subfolder)" if (folder / "unet").is_dir() else ""
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}{hint}")
+    cfg = UNetConfig.from_diffusers_config(json.loads(config_path.read_text()))
+    sd = diffusers_to_ours(_read_diffusers_weights(folder), cfg)
+    return build_with_weights(cfg, sd, source=str(folder), dtype=dtype)
+
+
+def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
+    for name in DIFFUSERS_WEIGHTS:
+        if (folder / name).is_file():
+            return load_file(folder / name)
+    index = folder / DIFFUSERS_INDEX
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            sd.update(load_file(folder / shard))
+        return sd
+    pickles = sorted(p.name for p in folder.glob("*.bin"))
+    if pickles:
+        raise ValueError(f"{folder} holds only pickle weights {pickles}; latentloom reads safetensors "
+                         f"(convert them, or load the module with diffusers and pass it in)")
+    raise FileNotFoundError(f"no weights in {folder}; looked for {list(DIFFUSERS_WEIGHTS)} and {DIFFUSERS_INDEX}")
+
+
+def load_from_ldm(state_dict: Mapping[str, torch.Tensor], *, config: UNetConfig | None = None) -> UNet:
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"from_ldm_state_dict takes a dict of tensors, got {type(state_dict).__name__}")
+    bare = strip_ldm_prefix(state_dict)
+    cfg = config if config is not None else infer_config_from_ldm_state_dict(bare)
+    sd = diffusers_to_ours(ldm_to_diffusers(bare, cfg), cfg)
+    return build_with_weights(cfg, sd, source="LDM state dict")
+
+
+def save_pretrained(model: UNet, folder: str | os.PathLike) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Weights first, config last: a folder with a config always has its weights.
+    tmp = folder / f".{WEIGHTS_NAME}.{os.getpid()}.tmp"
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    try:
+        save_file(sd, str(tmp), metadata={"format": "pt", "latentloom": "unet"})
+        os.replace(tmp, folder / WEIGHTS_NAME)
+    finally:
+        tmp.unlink(missing_ok=True)
+    model.config.save_json(folder / CONFIG_NAME)
+
+
+def load_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> UNet:
+    """Our folder (config.json + model.safetensors) or a diffusers UNet folder."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
+    raw = json.loads(config_path.read_text())
+    if "_class_name" in raw or "block_out_channels" in raw:
+        return load_from_diffusers(folder, dtype=dtype)
+    cfg = UNetConfig.from_dict(raw)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
+    return build_with_weights(cfg, load_file(weights), source=str(weights), dtype=dtype)

@@ -1,0 +1,263 @@
+"""UNet: the Stable-Diffusion-style denoiser ``unet(x, t, context) -> prediction``.
+
+Levels of ResBlocks (+ spatial transformers where ``attention_levels`` says so) go down,
+a middle block, the mirrored levels come up reading the skip connections
+(Ronneberger et al. 2015; Rombach et al. 2022, LDM). Parameter names match diffusers'
+``UNet2DConditionModel``; convert.py handles the checkpoint formats.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from latentloom.unet.attention import DEFAULT_QUERY_CHUNK, check_backend, mask_to_bias
+from latentloom.unet.blocks import Downsample, ResBlock, TimestepMLP, Upsample, timestep_embedding
+from latentloom.unet.config import UNetConfig
+from latentloom.unet.transformer import Attention, SpatialTransformer
+
+
+class Level(nn.Module):
+    """One resolution: ResBlocks, optional spatial transformers, optional resampler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList()
+        self.attentions = nn.ModuleList()
+
+
+class MidBlock(nn.Module):
+    def __init__(self, cfg: UNetConfig, *, emb_dim: int) -> None:
+        super().__init__()
+        ch = cfg.channels[-1]
+        res = dict(emb_dim=emb_dim, groups=cfg.norm_groups, eps=cfg.norm_eps, dropout=cfg.dropout)
+        self.resnets = nn.ModuleList([ResBlock(ch, ch, **res), ResBlock(ch, ch, **res)])
+        self.attentions = nn.ModuleList([_transformer(cfg, cfg.num_levels - 1, only_cross=False)])
+
+
+def _transformer(cfg: UNetConfig, level: int, *, only_cross: bool) -> SpatialTransformer:
+    return SpatialTransformer(
+        cfg.channels[level], heads=cfg.heads_at(level), depth=cfg.transformer_depth[level],
+        context_dim=cfg.context_dim, groups=cfg.norm_groups, only_cross=only_cross,
+        upcast=cfg.upcast_attention, dropout=cfg.dropout,
+    )
+
+
+class UNet(nn.Module):
+    """Text-conditioned UNet: ``unet(x, t, context, *, context_mask=None, class_labels=None)``."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        if not isinstance(config, UNetConfig):
+            raise TypeError(f"UNet expects a UNetConfig, got {type(config).__name__}")
+        self._config = config
+        cfg = config
+        ch0, emb_dim = cfg.channels[0], cfg.time_embed_dim
+        res = dict(emb_dim=emb_dim, groups=cfg.norm_groups, eps=cfg.norm_eps, dropout=cfg.dropout)
+        self.time_embedding = TimestepMLP(ch0, emb_dim)
+        self.class_embedding = (nn.Embedding(cfg.num_class_embeds, emb_dim)
+                                if cfg.num_class_embeds is not None else None)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
+
+        skip_channels = [ch0]  # channels of every tensor pushed on the skip stack
+        self.down_blocks = nn.ModuleList()
+        ch = ch0
+        for i, out_ch in enumerate(cfg.channels):
+            level = Level()
+            for j in range(cfg.layers_per_level[i]):
+                level.resnets.append(ResBlock(ch, out_ch, **res))
+                ch = out_ch
+                if cfg.attention_levels[i]:
+                    level.attentions.append(_transformer(cfg, i, only_cross=cfg.only_cross_attention[i]))
+                skip_channels.append(ch)
+            level.downsamplers = nn.ModuleList()
+            if i < cfg.num_levels - 1:
+                level.downsamplers.append(Downsample(ch))
+                skip_channels.append(ch)
+            self.down_blocks.append(level)
+
+        self.mid_block = MidBlock(cfg, emb_dim=emb_dim)
+
+        self.up_blocks = nn.ModuleList()
+        for i in reversed(range(cfg.num_levels)):
+            level, out_ch = Level(), cfg.channels[i]
+            for j in range(cfg.layers_per_level[i] + 1):
+                level.resnets.append(ResBlock(ch + skip_channels.pop(), out_ch, **res))
+                ch = out_ch
+                if cfg.attention_levels[i]:
+                    level.attentions.append(_transformer(cfg, i, only_cross=cfg.only_cross_attention[i]))
+            level.upsamplers = nn.ModuleList()
+            if i > 0:
+                level.upsamplers.append(Upsample(ch))
+            self.up_blocks.append(level)
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch0, eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch0, cfg.out_channels, 3, padding=1)
+        self.gradient_checkpointing = False
+        self._backend = "sdpa"
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def config(self) -> UNetConfig:
+        return self._config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv_in.weight.device
+
+    @property
+    def attention_backend(self) -> str:
+        return self._backend
+
+    # ------------------------------------------------------------------ switches
+    def set_attention_backend(self, name: str, *, query_chunk: int = DEFAULT_QUERY_CHUNK) -> None:
+        """Choose "sdpa" (default), "xformers" (CUDA), "chunked" (bounded memory) or "math"."""
+        check_backend(name, device=self.device)
+        if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 1:
+            raise ValueError(f"query_chunk must be an int >= 1, got {query_chunk!r}")
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = name
+                module.query_chunk = query_chunk
+        self._backend = name
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward: less memory, ~30% more compute."""
+        self.gradient_checkpointing = bool(enabled)
+
+    def _run(self, module: nn.Module, *args: Any) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float | int,
+        context: torch.Tensor,
+        *,
+        context_mask: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, in_ch, H, W), t scalar or (B,), context (B, L, D) -> (B, out_ch, H, W).
+
+        Inputs are cast to the weights' dtype; the prediction comes back in x's dtype.
+        """
+        cfg = self._config
+        self._check_inputs(x, context, context_mask, class_labels)
+        B, in_dtype, dtype = x.shape[0], x.dtype, self.dtype
+        x, context = x.to(dtype), context.to(dtype)
+
+        t = _timesteps(t, B, device=x.device)  # (B,) float32
+        t_emb = timestep_embedding(t, cfg.channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                   freq_shift=cfg.freq_shift)
+        emb = self.time_embedding(t_emb.to(dtype))  # (B, 4 * ch0)
+        if self.class_embedding is not None:
+            emb = emb + self.class_embedding(class_labels).to(dtype)
+        emb_act = F.silu(emb)  # every ResBlock starts its embedding path with SiLU
+        bias = mask_to_bias(context_mask, dtype=dtype)  # (B, 1, 1, L) or None
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down_blocks:
+            for j, resnet in enumerate(level.resnets):
+                h = self._run(resnet, h, emb_act)
+                if len(level.attentions):
+                    h = self._run(level.attentions[j], h, context, bias)
+                skips.append(h)
+            for down in level.downsamplers:
+                h = down(h)
+                skips.append(h)
+
+        mid = self.mid_block
+        h = self._run(mid.resnets[0], h, emb_act)
+        h = self._run(mid.attentions[0], h, context, bias)
+        h = self._run(mid.resnets[1], h, emb_act)
+
+        for level in self.up_blocks:
+            for j, resnet in enumerate(level.resnets):
+                h = self._run(resnet, torch.cat([h, skips.pop()], dim=1), emb_act)
+                if len(level.attentions):
+                    h = self._run(level.attentions[j], h, context, bias)
+            for up in level.upsamplers:
+                h = up(h, size=tuple(skips[-1].shape[-2:]))
+
+        h = self.conv_out(F.silu(self.conv_norm_out(h)))
+        return h.to(in_dtype)  # (B, out_ch, H, W)
+
+    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
+                      class_labels: torch.Tensor | None) -> None:
+        cfg = self._config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must have shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        B = x.shape[0]
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim:
+            raise ValueError(f"context must have shape ({B}, L, {cfg.context_dim}), got {tuple(context.shape)}")
+        if mask is not None and tuple(mask.shape) != tuple(context.shape[:2]):
+            raise ValueError(f"context_mask must have shape {tuple(context.shape[:2])}, got {tuple(mask.shape)}")
+        if cfg.num_class_embeds is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given but this UNet has no class embedding "
+                                 "(config.num_class_embeds is None)")
+        else:
+            if class_labels is None:
+                raise ValueError(f"this UNet needs class_labels (B,) ints in [0, {cfg.num_class_embeds}) "
+                                 "(the x4 upscaler's noise level)")
+            if class_labels.shape != (B,) or class_labels.is_floating_point():
+                raise ValueError(f"class_labels must be ({B},) integers, got {tuple(class_labels.shape)} "
+                                 f"{class_labels.dtype}")
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_diffusers(cls, module_or_folder: Any, *, dtype: torch.dtype | None = None) -> UNet:
+        """From a diffusers ``UNet2DConditionModel`` or its saved folder (config.json + safetensors)."""
+        from latentloom.unet.loading import load_from_diffusers
+
+        return load_from_diffusers(module_or_folder, dtype=dtype)
+
+    @classmethod
+    def from_ldm_state_dict(cls, state_dict: dict[str, torch.Tensor], *,
+                            config: UNetConfig | None = None) -> UNet:
+        """From an original LDM / CompVis state dict (``model.diffusion_model.*`` keys or bare)."""
+        from latentloom.unet.loading import load_from_ldm
+
+        return load_from_ldm(state_dict, config=config)
+
+    def to_diffusers_state_dict(self) -> dict[str, torch.Tensor]:
+        """This UNet's weights under diffusers' ``UNet2DConditionModel`` names and shapes."""
+        from latentloom.unet.convert import ours_to_diffusers
+
+        return ours_to_diffusers(self.state_dict(), self._config)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """config.json (UNetConfig) + model.safetensors, each written atomically."""
+        from latentloom.unet.loading import save_pretrained
+
+        save_pretrained(self, folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> UNet:
+        from latentloom.unet.loading import load_pretrained
+
+        return load_pretrained(folder, dtype=dtype)
+
+
+def _timesteps(t: torch.Tensor | float | int, batch: int, *, device: torch.device) -> torch.Tensor:
+    """Scalar, (), (1,) or (B,) timesteps (int or float) -> (B,) float32 on ``device``."""
+    if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
+        raise TypeError(f"t must be a number or a tensor, got {type(t).__name__}")
+    t = torch.as_tensor(t, device=device)
+    if t.ndim == 0:
+        t = t[None]
+    if t.ndim != 1 or t.shape[0] not in (1, batch):
+        raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+    return t.float().expand(batch)
