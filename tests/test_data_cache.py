@@ -200,3 +200,40 @@ def test_save_without_path_and_bad_batch_size(folder):
         cache.save()
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
         cache.fill(batch_size=0)
+
+
+def test_unfilled_cache_refuses_dataloader_workers_and_filled_one_works(folder):
+    enc = Encoders()
+    cache = LatentCache(CaptionedImageDataset(folder, resolution=64), encode_image=enc.image, encode_text=enc.text)
+    loader = torch.utils.data.DataLoader(cache, batch_size=5, num_workers=1, collate_fn=collate_latents)
+    with pytest.raises(RuntimeError, match="call cache.fill\\(\\) before iterating with num_workers > 0"):
+        next(iter(loader))
+    cache.fill()
+    batches = list(loader)
+    assert [b["latents"].shape[0] for b in batches] == [5, 5]
+
+
+def test_with_a_tiny_diffusers_vae(folder):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=64,
+    ).eval()
+    calls = []
+
+    def encode_image(pixels):
+        calls.append(pixels.shape[0])
+        return vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+
+    enc = Encoders()
+    cache = LatentCache(CaptionedImageDataset(folder, resolution=64, random_flip=True, seed=0),
+                        encode_image=encode_image, encode_text=enc.text)
+    cache.fill(batch_size=10)
+    assert calls == [10, 10]
+    item = cache[0]
+    assert item["latents"].shape == (4, 32, 32) and not item["latents"].requires_grad
+    with torch.no_grad():
+        ref = vae.encode(cache.dataset.pixel_values(0, flip=True)[None]).latent_dist.mode()[0]
+    assert torch.allclose(cache._latents[(0, True)], ref * vae.config.scaling_factor, atol=1e-5)

@@ -246,7 +246,8 @@ def collate_latents(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 class LatentCache(torch.utils.data.Dataset):
     """Encodes each item of a `CaptionedImageDataset` once; serves stored results afterwards.
 
-    encode_image: (B, 3, R, R) pixels in [-1, 1] -> (B, C, h, w) latents, already scaled as
+    encode_image: (B, 3, R, R) float32 CPU pixels in [-1, 1] (move them to the VAE's device
+        inside) -> (B, C, h, w) latents, already scaled as
         the model wants them. Whatever it returns is frozen: encoding with a *sample* of the
         VAE's posterior stores that one sample, so prefer its mean (``latent_dist.mode()``).
     encode_text: list[str] -> TextEmbedding. Each distinct caption is encoded once.
@@ -257,7 +258,9 @@ class LatentCache(torch.utils.data.Dataset):
         encoders is not reused.
 
     Items: ``{"latents": (C, h, w), "hidden": (L, D), "mask": (L,), "pooled": (D',) or None,
-    "caption": str}``, on the CPU; batch them with `collate_latents`.
+    "caption": str}``, on the CPU; batch them with `collate_latents`. Items are encoded on
+    first use, or all at once, in batches, by `fill()`; with DataLoader workers, call
+    `fill()` first (a worker's copy of the cache would be lost with the worker).
     """
 
     def __init__(
@@ -345,9 +348,15 @@ class LatentCache(torch.utils.data.Dataset):
         # Same first draw as CaptionedImageDataset.__getitem__: the same flips, cached or not.
         flip = self.dataset.random_flip and self.dataset.rng(index).random() < 0.5
         missing = [(index, f) for f in self.flips if (index, f) not in self._latents]
+        caption = self.dataset.captions[index]
+        if (missing or caption not in self._text) and torch.utils.data.get_worker_info() is not None:
+            # A worker's copy of the cache dies with the worker: it would re-encode forever.
+            raise RuntimeError(
+                f"LatentCache item {index} is not encoded yet, inside a DataLoader worker; call "
+                "cache.fill() before iterating with num_workers > 0 (or use num_workers=0)"
+            )
         if missing:  # both flips in one call: the mirror will be needed soon enough
             self._encode_images(missing)
-        caption = self.dataset.captions[index]
         if caption not in self._text:
             self._encode_texts([caption])
         if missing:
