@@ -34,9 +34,9 @@ def randn(
     device = torch.device(device) if device is not None else torch.device("cpu")
     rand_device = device
     if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per sample")
-        if len(generator) == 1:
+        if len(generator) not in (1, shape[0]):
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per sample (or one)")
+        if len(generator) == 1:  # as diffusers: a list of one is one generator for the whole batch
             generator = generator[0]
     gens = generator if isinstance(generator, (list, tuple)) else [generator] if generator is not None else []
     if gens:
