@@ -215,3 +215,19 @@ def test_metadata_rows_are_read_in_order(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     ds = CaptionedImageDataset(tmp_path, resolution=8)
     assert ds.captions == ["why", "ex"] and [f.name for f in ds.files] == ["y.png", "x.png"]
+
+
+def test_exif_rotation_and_16_bit_images(tmp_path):
+    tall = Image.new("RGB", (16, 32), (255, 0, 0))
+    tall.paste((0, 0, 255), (0, 0, 16, 8))  # blue band on top
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the viewer rotates 90 degrees clockwise
+    tall.save(tmp_path / "rot.jpg", exif=exif, quality=100)
+    (tmp_path / "rot.txt").write_text("rotated")
+    gray16 = Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16))  # mid-gray in 16 bits
+    gray16.save(tmp_path / "deep.png")
+    (tmp_path / "deep.txt").write_text("gray")
+    ds = CaptionedImageDataset(tmp_path, resolution=16)
+    assert [f.name for f in ds.files] == ["deep.png", "rot.jpg"]
+    assert ds.load_image(1).size == (32, 16)  # upright: wider than tall after the EXIF turn
+    assert torch.allclose(ds[0]["pixel_values"], torch.full((3, 16, 16), 128 / 127.5 - 1), atol=1e-6)

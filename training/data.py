@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from latentloom.text_encoders.embedding import TextEmbedding
 
@@ -161,6 +161,17 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
                 image = im
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
+        # Cameras store rotation in EXIF; without this, portrait photos train sideways.
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            # 16-bit / float grayscale: PIL's convert("RGB") would clip, so rescale to 8 bits.
+            values = np.asarray(image, dtype=np.float64)
+            top = values.max(initial=0)
+            if image.mode.startswith("I;16") or top > 255:
+                peak = 65535.0
+            else:  # "I" holding 8-bit values, or "F" in [0, 1] or [0, 255]
+                peak = 1.0 if image.mode == "F" and top <= 1.0 else 255.0
+            image = Image.fromarray(np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
         if image.mode in ("RGBA", "LA", "PA"):
