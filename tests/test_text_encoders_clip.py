@@ -131,22 +131,34 @@ def long_prompt(tokenizer, n_tokens):
 
 
 def test_300_token_prompt_is_split_into_windows(model, tokenizer):
-    text = long_prompt(tokenizer, 300)
+    text = long_prompt(tokenizer, 300)  # 150 words of 2 tokens
     encoder = CLIPEncoder(model, tokenizer)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing may be cut
         emb = encoder.encode([text])
-    windows = math.ceil(300 / 75)
+    # a window holds 75 tokens; cutting after 75 would split a word, so each takes 37 words
+    per_window = 74
+    windows = math.ceil(300 / per_window)
     assert emb.hidden.shape == (1, 77 * windows, 32)
     assert emb.mask.sum().item() == 300 + 2 * windows  # every token, plus start/end per window
     ids = tokenizer(text, add_special_tokens=False).input_ids
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     for w in range(windows):
-        chunk = [bos] + ids[75 * w : 75 * (w + 1)] + [eos]
+        chunk = [bos] + ids[per_window * w : per_window * (w + 1)] + [eos]
         chunk = chunk + [tokenizer.pad_token_id] * (77 - len(chunk))
         with torch.no_grad():
             expected = model(torch.tensor([chunk])).last_hidden_state[0]
         torch.testing.assert_close(emb.hidden[0, 77 * w : 77 * (w + 1)], expected, rtol=0, atol=1e-6)
+
+
+def test_windows_keep_words_whole_unless_a_word_is_very_long(tokenizer):
+    encoder = CLIPEncoder(clip_model(), tokenizer)
+    ids = tokenizer(long_prompt(tokenizer, 160), add_special_tokens=False).input_ids
+    assert encoder._spans(ids) == [(0, 74), (74, 148), (148, 160)]
+    # one 100-letter word: no word end within 8 tokens of the cut, so it is split at 75
+    ids = tokenizer("x" * 100, add_special_tokens=False).input_ids
+    assert len(ids) == 100 and encoder._spans(ids) == [(0, 75), (75, 100)]
+    assert encoder._spans([]) == [(0, 0)]
 
 
 def test_batch_is_padded_with_empty_prompt_windows(model, tokenizer):

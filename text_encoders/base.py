@@ -67,6 +67,7 @@ class FrozenTextEncoder:
 
     pad_windows: bool = False  # pad each window to window_length (CLIP) or only to the batch's longest
     max_windows: int | None = None  # None: as many windows as the prompt needs
+    max_word_tokens: int = 8  # a window boundary moves back rather than split a word this long or shorter
 
     def __init__(self, model, tokenizer, *, weighting: bool = True, cache_size: int = 32) -> None:
         if model is None or not hasattr(model, "parameters"):
@@ -248,28 +249,55 @@ class FrozenTextEncoder:
             weights += [weight] * len(piece)
         return ids, weights
 
+    def _spans(self, ids: list[int]) -> list[tuple[int, int]]:
+        """Cut token ids into windows' [start, end) spans, at most content_length tokens each.
+
+        A cut that would split a word moves back to the word's start when the word is at most
+        `max_word_tokens` long (ComfyUI's rule), so a word stays whole in one window; longer
+        words are split. No token is ever left out.
+        """
+        size = self.content_length
+        if not ids:
+            return [(0, 0)]  # the empty prompt is one empty window
+        word_ends = self._word_ends(ids)
+        spans = []
+        start = 0
+        while start < len(ids):
+            end = min(start + size, len(ids))
+            if end < len(ids):
+                for cut in range(end, max(start, end - self.max_word_tokens), -1):
+                    if word_ends[cut - 1]:
+                        end = cut
+                        break
+            spans.append((start, end))
+            start = end
+        return spans
+
+    def _word_ends(self, ids: list[int]) -> list[bool]:
+        """True where a token ends a word (a window may end there). Default: anywhere."""
+        return [True] * len(ids)
+
     def _windows(self, index: int, prompt: str) -> list[_Window]:
         ids, weights = self._tokenize(prompt)
-        size = self.content_length
-        starts = list(range(0, len(ids), size)) or [0]  # the empty prompt is one empty window
-        if self.max_windows is not None and len(starts) > self.max_windows:
-            cut_from = self.max_windows * size
-            cut = self.tokenizer.decode(ids[cut_from:])
+        if self.max_windows is not None and len(ids) > self.max_windows * self.content_length:
+            keep = self.max_windows * self.content_length
+            cut = self.tokenizer.decode(ids[keep:])
             warnings.warn(
-                f"{type(self).__name__} takes at most {self.max_windows * size} tokens of text; "
-                f"cut {len(ids) - cut_from} tokens from prompt {index}: {cut!r}",
+                f"{type(self).__name__} takes at most {keep} tokens of text; "
+                f"cut {len(ids) - keep} tokens from prompt {index}: {cut!r}",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-            starts = starts[: self.max_windows]
+            ids, weights = ids[:keep], weights[:keep]
         ones_prefix, ones_suffix = [1.0] * len(self.prefix), [1.0] * len(self.suffix)
+        spans = self._spans(ids)
+        if self.max_windows is not None and len(spans) > self.max_windows:
+            # word-aware cuts took more windows than allowed: cut at the window size instead
+            size = self.content_length
+            spans = [(s, min(s + size, len(ids))) for s in range(0, len(ids), size)] or [(0, 0)]
         return [
-            _Window(
-                index,
-                self.prefix + ids[s : s + size] + self.suffix,
-                ones_prefix + weights[s : s + size] + ones_suffix,
-            )
-            for s in starts
+            _Window(index, self.prefix + ids[s:e] + self.suffix, ones_prefix + weights[s:e] + ones_suffix)
+            for s, e in spans
         ]
 
     def _run_windows(self, windows: Sequence[list[int]]):

@@ -73,6 +73,10 @@ class CLIPEncoder(FrozenTextEncoder):
             norm = self.model.text_model.final_layer_norm
         return norm(hidden)
 
+    def _word_ends(self, ids):
+        # CLIP's BPE marks the last piece of every word with "</w>"
+        return [token.endswith("</w>") for token in self.tokenizer.convert_ids_to_tokens(ids)]
+
     def _weight_reference(self, length: int):
         return self._empty_window_hidden()[:length]
 

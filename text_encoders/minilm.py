@@ -55,6 +55,11 @@ class MiniLMEncoder(FrozenTextEncoder):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, D)
         return hidden * attention_mask[..., None].to(hidden.dtype), None
 
+    def _word_ends(self, ids):
+        # WordPiece marks a word's continuation pieces with a leading "##"
+        tokens = self.tokenizer.convert_ids_to_tokens(ids)
+        return [not following.startswith("##") for following in tokens[1:]] + [True]
+
     def _pool(self, hiddens, window_pooled):
         import torch
 
