@@ -57,7 +57,7 @@ def test_render_is_64x64_rgb_with_antialiased_edges():
 def test_render_puts_shape_where_the_position_says():
     for position, (sx, sy) in {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}.items():
         scene = ss.SceneSpec((ss.ShapeSpec("square", "white", "small", position),), background="black")
-        ys, xs = np.nonzero(np.asarray(scene and ss.render(scene))[..., 0] > 128)
+        ys, xs = np.nonzero(np.asarray(ss.render(scene))[..., 0] > 128)
         cx, cy = xs.mean() + 0.5 - 32, ys.mean() + 0.5 - 32
         assert np.sign(round(cx)) == sx and np.sign(round(cy)) == sy, position
 
