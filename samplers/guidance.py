@@ -40,15 +40,14 @@ def merge_cond(uncond: dict[str, Any], cond: dict[str, Any], b: int) -> dict[str
         if cu.shape[2] != cc.shape[2]:
             raise ValueError(f"cond and uncond contexts differ in width: {cc.shape[2]} vs {cu.shape[2]}")
         L = max(cu.shape[1], cc.shape[1])
-        masks = []
-        for c, d in ((cu, uncond), (cc, cond)):
-            m = d.get("context_mask")
-            if m is None and (c.shape[1] != L or "context_mask" in uncond or "context_mask" in cond):
-                m = c.new_ones(c.shape[:2], dtype=torch.long)
-            masks.append(None if m is None else F.pad(_batch(m, b, "context_mask"), (0, L - c.shape[1])))
         out["context"] = torch.cat([F.pad(cu, (0, 0, 0, L - cu.shape[1])), F.pad(cc, (0, 0, 0, L - cc.shape[1]))])
-        if masks[0] is not None:
-            out["context_mask"] = torch.cat([masks[0].to(masks[1].dtype), masks[1]])
+        if cu.shape[1] != cc.shape[1] or "context_mask" in uncond or "context_mask" in cond:
+            masks = []
+            for c, d in ((cu, uncond), (cc, cond)):
+                m = d.get("context_mask")
+                m = c.new_ones(c.shape[:2], dtype=torch.long) if m is None else _batch(m, b, "context_mask")
+                masks.append(F.pad(m.long(), (0, L - c.shape[1])))  # (B, L), 0 over the padding
+            out["context_mask"] = torch.cat(masks)
     for key in ("class_labels", "concat"):
         if key in cond:
             out[key] = torch.cat([_batch(uncond[key], b, f"uncond {key}"), _batch(cond[key], b, f"cond {key}")])
