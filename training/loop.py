@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,10 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
 def _make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=cfg.mixed_precision)
+    # Several processes without CUDA (torchrun / `accelerate launch --multi_gpu` on a CPU box):
+    # accelerate sets up its gloo MULTI_CPU mode only when told cpu=True.
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available())
 
 
 def train(cfg: TrainConfig, *, task: Any = None) -> Path:

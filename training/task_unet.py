@@ -161,6 +161,12 @@ class UNetTask:
         if self.upscaler:
             self._export_upscaler(model, output)
             return
+        if cfg.lora_rank:  # the adapters alone; load them onto the base model with a scale
+            from latentloom.training.lora import save_lora
+
+            output.mkdir(parents=True, exist_ok=True)
+            save_lora(model, output / "lora.safetensors")
+            return
         write_component(output, "unet", lambda tmp: model.save_pretrained(tmp))
         write_component(output, "scheduler", lambda tmp: write_json_atomic(tmp / "scheduler_config.json", self.schedule()))
         if self.vae_source is not None:

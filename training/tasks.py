@@ -168,7 +168,7 @@ def build_latent_cache(cfg: TrainConfig, dataset: Any, *, vae: Any, vae_source: 
     weights = sorted(Path(vae_source).glob("*.safetensors"))[0]
     stat = weights.stat()
     key = f"vae:{weights.resolve()}:{stat.st_size}:{stat.st_mtime_ns}+{cfg.text_encoder}"
-    path = Path(cfg.output) / "cache" / f"latents-{cfg.resolution}.safetensors"
+    path = cfg.checkpoint_dir / f"latent-cache-{cfg.resolution}.safetensors"
     if is_main:
         cache = LatentCache(dataset, encode_image=encode_image, encode_text=text_encoder.encode, path=path, key=key)
         cache.fill()
