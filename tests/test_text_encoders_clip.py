@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from latentloom.text_encoders import CLIPEncoder, TextEmbedding
 
@@ -105,6 +105,33 @@ def test_clip_skip_follows_diffusers_steps(model, tokenizer, clip_skip):
     last = CLIPEncoder(model, tokenizer, clip_skip=None).encode(PROMPTS)
     assert torch.equal(last.hidden, out.last_hidden_state)
     assert not torch.allclose(got.hidden, last.hidden)
+
+
+def test_sdxl_style_penultimate_layer_without_final_norm(model, tokenizer):
+    ids = padded_ids(tokenizer, PROMPTS)
+    with torch.no_grad():
+        expected = model(ids, output_hidden_states=True).hidden_states[-2]
+    got = CLIPEncoder(model, tokenizer, clip_skip=1, final_layer_norm=False).encode(PROMPTS)
+    assert torch.equal(got.hidden, expected)
+
+
+def test_with_projection_pools_text_embeds(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    model = CLIPTextModelWithProjection(clip_config(projection_dim=24)).eval()
+    ids = padded_ids(tokenizer, PROMPTS)
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    emb = CLIPEncoder(model, tokenizer, clip_skip=1).encode(PROMPTS)
+    assert emb.pooled.shape == (2, 24) and torch.equal(emb.pooled, out.text_embeds)
+    assert torch.equal(emb.hidden, model.text_model.final_layer_norm(out.hidden_states[-2]))
+    # from_pretrained picks the class from config.json's architectures (SDXL's text_encoder_2)
+    model.save_pretrained(tmp_path / "text_encoder_2")
+    tokenizer.save_pretrained(tmp_path / "tokenizer_2")
+    loaded = CLIPEncoder.from_pretrained(
+        tmp_path, clip_skip=1, text_encoder_subfolder="text_encoder_2", tokenizer_subfolder="tokenizer_2"
+    )
+    assert isinstance(loaded.model, CLIPTextModelWithProjection)
+    assert torch.equal(loaded.encode(PROMPTS).pooled, out.text_embeds)
 
 
 def test_pooled_is_the_first_windows_pooler_output(model, tokenizer):
@@ -275,6 +302,9 @@ def test_cache_key_includes_settings_and_can_be_disabled(tokenizer):
     encoder.clip_skip = 1
     skipped = encoder.encode(["a cat"])
     assert counter.calls > calls and not torch.allclose(last.hidden, skipped.hidden)
+    # the padding / weight reference (empty prompt window) follows the new setting too
+    assert torch.equal(skipped.filler, CLIPEncoder(model, tokenizer, clip_skip=1).encode([""]).hidden[0])
+    assert not torch.equal(last.filler, skipped.filler)
     uncached = CLIPEncoder(model, tokenizer, cache_size=0)
     uncached.encode(["a cat"])
     calls = counter.calls

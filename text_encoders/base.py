@@ -81,7 +81,7 @@ class FrozenTextEncoder:
         self.weighting = bool(weighting)
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, _Encoded] = OrderedDict()
-        self._empty_window: "torch.Tensor | None" = None  # (window_length, D), see _empty_window_hidden
+        self._empty_window: "tuple[tuple, torch.Tensor] | None" = None  # settings, (T, D): _empty_window_hidden
         # Frozen: no gradients, eval mode (dropout off); encode() also runs under no_grad.
         model.requires_grad_(False)
         model.eval()
@@ -116,7 +116,9 @@ class FrozenTextEncoder:
 
     def _settings(self) -> tuple:
         """Everything besides the prompt that changes the result (part of the cache key)."""
-        return (self.weighting, self.window_length, self.max_windows, str(self.device), self.dtype)
+        return (
+            self.weighting, self.window_length, self.max_windows, self.max_word_tokens, str(self.device), self.dtype
+        )
 
     # ---- the shared contract -----------------------------------------------------------------
     @property
@@ -318,11 +320,12 @@ class FrozenTextEncoder:
         """The empty prompt's one window, (T, D): CLIP's weight reference and padding."""
         import torch
 
-        if self._empty_window is None:
+        settings = self._settings()
+        if self._empty_window is None or self._empty_window[0] != settings:
             with torch.no_grad():
                 hidden, _, _ = self._run_windows([self.prefix + self.suffix])
-            self._empty_window = hidden[0]
-        return self._empty_window
+            self._empty_window = (settings, hidden[0])
+        return self._empty_window[1]
 
     def _encode_uncached(self, prompts: list[str]) -> list[_Encoded]:
         import torch

@@ -9,6 +9,8 @@ clip_skip counts layers skipped from the end, exactly as diffusers' `clip_skip` 
     0 (diffusers None)  the last layer's output (last_hidden_state)
     k >= 1              hidden_states[-(k + 1)], then the final layer norm (k = 1: SD 2.x style)
 A1111's "Clip skip" setting is ours + 1 (A1111 1 = our 0, A1111 2 = our 1).
+final_layer_norm=False leaves a skipped layer's output un-normalized, as SDXL does with its
+penultimate layer (SDXL: clip_skip=1, final_layer_norm=False, for both of its encoders).
 One difference from diffusers: diffusers ignores clip_skip for the negative prompt it encodes
 itself; here every prompt, negative or not, uses the encoder's clip_skip.
 
@@ -31,7 +33,14 @@ class CLIPEncoder(FrozenTextEncoder):
     pad_windows = True
 
     def __init__(
-        self, model, tokenizer, *, clip_skip: int | None = 0, weighting: bool = True, cache_size: int = 32
+        self,
+        model,
+        tokenizer,
+        *,
+        clip_skip: int | None = 0,
+        final_layer_norm: bool = True,
+        weighting: bool = True,
+        cache_size: int = 32,
     ) -> None:
         super().__init__(model, tokenizer, weighting=weighting, cache_size=cache_size)
         layers = int(model.config.num_hidden_layers)
@@ -43,6 +52,7 @@ class CLIPEncoder(FrozenTextEncoder):
                 f"(0 = last layer, 1 = penultimate), got {clip_skip!r}"
             )
         self.clip_skip = clip_skip
+        self.final_layer_norm = bool(final_layer_norm)
         # diffusers pads to tokenizer.model_max_length; a tokenizer without one set (huge default)
         # falls back to what the position embeddings can hold.
         window = min(int(tokenizer.model_max_length), int(model.config.max_position_embeddings))
@@ -59,7 +69,9 @@ class CLIPEncoder(FrozenTextEncoder):
         if self.clip_skip == 0:
             hidden = out.last_hidden_state  # (N, 77, D)
         else:
-            hidden = self._final_layer_norm(out.hidden_states[-(self.clip_skip + 1)])
+            hidden = out.hidden_states[-(self.clip_skip + 1)]
+            if self.final_layer_norm:
+                hidden = self._final_layer_norm(hidden)
         pooled = getattr(out, "text_embeds", None)
         if pooled is None:
             pooled = out.pooler_output  # (N, D)
@@ -84,7 +96,7 @@ class CLIPEncoder(FrozenTextEncoder):
         return self._empty_window_hidden()
 
     def _settings(self) -> tuple:
-        return (*super()._settings(), self.clip_skip)
+        return (*super()._settings(), self.clip_skip, self.final_layer_norm)
 
     @classmethod
     def from_pretrained(
@@ -92,6 +104,7 @@ class CLIPEncoder(FrozenTextEncoder):
         folder: "str | Path",
         *,
         clip_skip: int | None = 0,
+        final_layer_norm: bool = True,
         dtype=None,
         text_encoder_subfolder: str = "text_encoder",
         tokenizer_subfolder: str = "tokenizer",
@@ -143,4 +156,11 @@ class CLIPEncoder(FrozenTextEncoder):
             load_kwargs["dtype"] = dtype
         model = model_class.from_pretrained(str(model_dir), **load_kwargs)
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        return cls(model, tokenizer, clip_skip=clip_skip, weighting=weighting, cache_size=cache_size)
+        return cls(
+            model,
+            tokenizer,
+            clip_skip=clip_skip,
+            final_layer_norm=final_layer_norm,
+            weighting=weighting,
+            cache_size=cache_size,
+        )
