@@ -14,6 +14,14 @@ __version__ = "0.1.0"
 # so that `import latentloom` (and `latentloom --help`) never pays for torch.
 _LAZY: dict[str, str] = {
     "TextEmbedding": "latentloom.text_encoders.embedding",
+    "load_pipeline": "latentloom.pipelines.loading",
+    "Pipeline": "latentloom.pipelines.pipeline",
+    "PipelineOutput": "latentloom.pipelines.output",
+    "read_metadata": "latentloom.pipelines.metadata",
+    "UNet": "latentloom.unet.model",
+    "UNetConfig": "latentloom.unet.config",
+    "ScheduleConfig": "latentloom.samplers.schedules",
+    "SAMPLERS": "latentloom.samplers",
 }
 
 __all__ = ["__version__", *_LAZY]

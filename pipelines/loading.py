@@ -1,0 +1,192 @@
+"""`load_pipeline`: the bundled model, a diffusers folder, a latentloom folder, a single-file
+Stable Diffusion checkpoint, or (online only) a Hugging Face hub id."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentloom.pipelines.defaults import CallDefaults, default_device, resolve_dtype
+from latentloom.pipelines.pipeline import Pipeline
+from latentloom.samplers.schedules import ScheduleConfig
+
+BUNDLED_NAME = "default"
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def bundled_model_dir(name: str = BUNDLED_NAME) -> Path:
+    from latentloom.weights import WEIGHTS_DIR
+
+    return WEIGHTS_DIR / name
+
+
+def load_pipeline(
+    path: str | os.PathLike | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    prediction_type: str | None = None,
+) -> Pipeline:
+    """Load a model into a `Pipeline`.
+
+    path: None for the bundled default model (offline); a diffusers Stable Diffusion folder
+    (model_index.json with unet / vae / text_encoder / tokenizer / scheduler); a folder
+    written by `latentloom train`; an original single-file `.safetensors` SD 1.x / 2.x
+    checkpoint; or a hub id such as "org/model" (needs the network).
+    device: default CUDA when available, else CPU. dtype: default float16 on CUDA, float32 on CPU.
+    tokenizer: single-file checkpoints do not contain their tokenizer: a folder holding CLIP's
+    vocab.json + merges.txt (or a diffusers folder's tokenizer/).
+    prediction_type: override the prediction type of a single-file checkpoint ("epsilon" or
+    "v_prediction"); diffusers folders say it in scheduler_config.json.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype, device)
+    if path is None:
+        folder = bundled_model_dir()
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(
+                "the bundled default model is not in this install yet (expected "
+                f"{folder}/model_index.json); pass a model path, e.g. a Stable Diffusion folder"
+            )
+        pipe = load_latentloom_folder(folder, name="bundled:default")
+    else:
+        source = Path(path)
+        if source.is_dir():
+            pipe = load_folder(source)
+        elif source.is_file():
+            from latentloom.pipelines.single_file import load_single_file
+
+            pipe = load_single_file(source, tokenizer=tokenizer, prediction_type=prediction_type)
+        elif isinstance(path, str) and _HUB_ID.match(path) and not path.startswith((".", "/")):
+            pipe = load_folder(_download(path))
+            pipe.name = path
+        else:
+            raise FileNotFoundError(
+                f"no model at {str(path)!r}: give a folder (diffusers or latentloom layout), a .safetensors "
+                "file, a hub id like 'org/model' (online only), or nothing for the bundled model"
+            )
+    return pipe.to(device=device, dtype=dtype)
+
+
+def load_folder(folder: Path) -> Pipeline:
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        hint = " (this looks like a UNet folder; pass the pipeline folder above it)" if (folder / "config.json").is_file() else ""
+        raise FileNotFoundError(f"{folder} has no model_index.json, so it is not a model folder{hint}")
+    index = _read_json(index_path)
+    if index.get("format") == "latentloom":
+        return load_latentloom_folder(folder, name=str(folder))
+    return load_diffusers_folder(folder, index)
+
+
+def load_diffusers_folder(folder: Path, index: dict[str, Any]) -> Pipeline:
+    """A diffusers StableDiffusionPipeline folder: our UNet, diffusers' VAE, transformers' CLIP."""
+    from diffusers import AutoencoderKL
+
+    from latentloom.text_encoders import CLIPEncoder
+    from latentloom.unet import UNet
+
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (folder / part).is_dir():
+            raise FileNotFoundError(f"{folder} is missing its {part}/ folder (a Stable Diffusion folder needs "
+                                    "unet/, vae/, text_encoder/, tokenizer/ and scheduler/)")
+    encoder_class = (index.get("text_encoder") or [None, None])[1]
+    if encoder_class not in ("CLIPTextModel", None):
+        raise ValueError(f"{folder}: text encoder {encoder_class!r} is not supported here (CLIPTextModel is)")
+    unet = UNet.from_diffusers(folder / "unet")
+    vae = _load_vae(folder / "vae")
+    text_encoder = CLIPEncoder.from_pretrained(folder)
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    if not scheduler_file.is_file():
+        raise FileNotFoundError(f"{folder} is missing scheduler/scheduler_config.json")
+    schedule = ScheduleConfig.from_diffusers_config(_read_json(scheduler_file))
+    unet_config = _read_json(folder / "unet" / "config.json")
+    side = int(unet_config.get("sample_size", 64)) * 2 ** (len(vae.config.block_out_channels) - 1)
+    return Pipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, schedule_config=schedule, name=str(folder),
+        use_context_mask=False, defaults=CallDefaults(height=side, width=side),
+        weights_files=sorted((folder / "unet").glob("*.safetensors"))[:1],
+    )
+
+
+def load_latentloom_folder(folder: Path, *, name: str) -> Pipeline:
+    """A folder written by `latentloom train` (the bundled model is one)."""
+    from latentloom.unet import UNet
+
+    index = _read_json(folder / "model_index.json")
+    for part in ("unet", "vae", "scheduler"):
+        if not (folder / part).is_dir():
+            raise FileNotFoundError(f"{folder} is missing its {part}/ folder")
+    unet = UNet.from_pretrained(folder / "unet")
+    vae = _load_vae(folder / "vae")
+    text_encoder = _text_encoder_from_index(folder, index.get("text_encoder") or {})
+    schedule = ScheduleConfig.from_diffusers_config(_read_json(folder / "scheduler" / "scheduler_config.json"))
+    call = index.get("defaults") or {}
+    resolution = int(index.get("resolution", 64))
+    defaults = CallDefaults(
+        height=int(call.get("height", resolution)), width=int(call.get("width", resolution)),
+        num_inference_steps=int(call.get("num_inference_steps", 20)),
+        guidance_scale=float(call.get("guidance_scale", 5.0)), sampler=str(call.get("sampler", "dpmpp_2m")),
+    )
+    clip_model = None
+    if (folder / "clip").is_dir():
+        from latentloom.training.image_text import ImageTextModel
+
+        clip_model = ImageTextModel.from_pretrained(folder / "clip", text_encoder=text_encoder)
+    return Pipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, schedule_config=schedule, name=name,
+        use_context_mask=bool(index.get("use_context_mask", True)), defaults=defaults,
+        weights_files=sorted((folder / "unet").glob("*.safetensors")), clip_model=clip_model,
+    )
+
+
+def _text_encoder_from_index(folder: Path, spec: dict[str, Any]):
+    from latentloom import text_encoders
+
+    kind = spec.get("kind", "minilm")
+    if kind == "minilm":
+        return text_encoders.MiniLMEncoder()
+    if kind == "clip":
+        return text_encoders.CLIPEncoder.from_pretrained(folder / spec.get("path", "text_encoder"))
+    raise ValueError(f"{folder}/model_index.json: text_encoder kind {kind!r} is not one of 'minilm', 'clip'")
+
+
+def _load_vae(folder: Path):
+    from diffusers import AutoencoderKL
+
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"no VAE weights (*.safetensors) in {folder}; pickle weights are not loaded")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch a hub model's safetensors and configs (the only place latentloom uses the network)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"],
+                                      ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt"]))
+    except Exception as err:  # offline mode, no network, unknown repo: all end here
+        raise FileNotFoundError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+            "Hub ids need the network; offline, pass a local folder or file"
+        ) from err
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data

@@ -1,0 +1,85 @@
+"""The recipe of an image, stored in its PNG so that it can be read back and re-made.
+
+Each PNG latentloom writes carries one tEXt chunk, key ``latentloom``, holding a JSON
+object (prompt, negative prompt, seed, steps, sampler, guidance, size, model name and
+weights hash, dtype, latentloom version). A second chunk, ``parameters``, holds the
+same in the one-line style other tools display, for humans.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+METADATA_KEY = "latentloom"
+
+# Fields every recipe carries; `generate --from` needs them to re-create an image.
+RECIPE_FIELDS = (
+    "prompt", "negative_prompt", "seed", "num_inference_steps", "sampler", "guidance_scale",
+    "guidance_rescale", "height", "width", "model", "model_hash", "dtype", "latentloom_version",
+)
+
+
+def human_readable(recipe: dict[str, Any]) -> str:
+    """One-paragraph summary in the style of other Stable Diffusion tools."""
+    lines = [str(recipe.get("prompt", ""))]
+    if recipe.get("negative_prompt"):
+        lines.append(f"Negative prompt: {recipe['negative_prompt']}")
+    keys = [("Steps", "num_inference_steps"), ("Sampler", "sampler"), ("CFG scale", "guidance_scale"),
+            ("Seed", "seed"), ("Size", None), ("Model", "model"), ("Model hash", "model_hash")]
+    parts = []
+    for label, key in keys:
+        if key is None:
+            parts.append(f"Size: {recipe.get('width')}x{recipe.get('height')}")
+        elif recipe.get(key) is not None:
+            parts.append(f"{label}: {recipe[key]}")
+    lines.append(", ".join(parts))
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, recipe: dict[str, Any]) -> Path:
+    """Write `image` as PNG with its recipe; atomic, so a crash never leaves half a file."""
+    path = Path(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(METADATA_KEY, json.dumps(recipe, sort_keys=True, ensure_ascii=False))
+    info.add_text("parameters", human_readable(recipe))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Return the recipe stored in a PNG written by latentloom.
+
+    Raises FileNotFoundError for a missing file and ValueError for a file that is not a
+    PNG or carries no latentloom recipe.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such image: {path}")
+    try:
+        with Image.open(path) as image:
+            fmt = image.format
+            text = dict(getattr(image, "text", {}) or {})
+    except Exception as err:  # PIL raises several types for non-images
+        raise ValueError(f"{path} is not an image PIL can read: {err}") from err
+    if fmt != "PNG" or METADATA_KEY not in text:
+        raise ValueError(f"{path} carries no latentloom metadata (expected a PNG written by latentloom)")
+    try:
+        recipe = json.loads(text[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the latentloom metadata chunk is not valid JSON: {err}") from err
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: the latentloom metadata is not a JSON object")
+    return recipe

@@ -1,0 +1,33 @@
+"""What a pipeline call returns."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from latentloom.pipelines.metadata import save_png
+
+
+@dataclass
+class PipelineOutput:
+    """`images`: PIL images, a float array (B, H, W, 3) in [0, 1], or latents, per `output_type`.
+    `recipes`: one dict per image with everything needed to make it again (also written to PNGs)."""
+
+    images: Any
+    recipes: list[dict[str, Any]] = field(default_factory=list)
+
+    def save(self, path: str | os.PathLike) -> list[Path]:
+        """Write PIL images as PNGs with their recipe. `path` is a file for one image; with
+        several, `name.png` becomes `name-0.png`, `name-1.png`, ..."""
+        if not self.images or not hasattr(self.images[0], "save"):
+            raise TypeError("save() needs PIL images: call the pipeline with output_type='pil'")
+        path = Path(path)
+        if path.suffix.lower() != ".png":
+            raise ValueError(f"images are written as PNG; give a path ending in .png, not {path.name!r}")
+        if len(self.images) == 1:
+            return [save_png(self.images[0], path, self.recipes[0])]
+        return [
+            save_png(image, path.with_name(f"{path.stem}-{i}{path.suffix}"), recipe)
+            for i, (image, recipe) in enumerate(zip(self.images, self.recipes))
+        ]

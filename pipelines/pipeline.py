@@ -1,0 +1,94 @@
+"""A loaded model (UNet, VAE, text encoder, noise schedule) and the calls it answers."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentloom.pipelines.defaults import CallDefaults, resolve_dtype
+from latentloom.pipelines.vae import vae_scale_factor
+from latentloom.samplers.schedules import DiscreteSchedule, ScheduleConfig
+
+
+class Pipeline:
+    """Holds the components; `pipe(prompt, ...)` makes images (see `txt2img.text_to_image`).
+
+    unet: latentloom UNet. vae: diffusers AutoencoderKL. text_encoder: a latentloom text
+    encoder (`encode(list[str]) -> TextEmbedding`). schedule_config: the noise schedule the
+    UNet was trained with. use_context_mask: pass the padding mask to cross-attention (the
+    bundled model was trained with it; Stable Diffusion was not, so diffusers passes none).
+    """
+
+    def __init__(
+        self,
+        *,
+        unet,
+        vae,
+        text_encoder,
+        schedule_config: ScheduleConfig,
+        name: str,
+        use_context_mask: bool = False,
+        defaults: CallDefaults | None = None,
+        weights_files: list[Path] | None = None,
+        clip_model: Any = None,
+    ) -> None:
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.schedule_config = schedule_config
+        self.schedule = DiscreteSchedule.from_config(schedule_config)
+        self.name = name
+        self.use_context_mask = use_context_mask
+        self.defaults = defaults or CallDefaults()
+        self.weights_files = list(weights_files or [])
+        self.clip_model = clip_model
+        self._model_hash: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return vae_scale_factor(self.vae)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> "Pipeline":
+        """Move the UNet and VAE (and the text encoder's device; it keeps fp32) and cast the UNet/VAE."""
+        device = torch.device(device) if device is not None else self.device
+        dtype = resolve_dtype(dtype, device) if dtype is not None else self.dtype
+        self.unet.to(device=device, dtype=dtype)
+        self.vae.to(device=device, dtype=dtype)
+        self.text_encoder.to(device=device)
+        if self.clip_model is not None:
+            self.clip_model.to(device=device)
+        return self
+
+    def model_hash(self) -> str:
+        """First 10 hex digits of the SHA-256 of the weight files (computed once, for metadata)."""
+        if self._model_hash is None:
+            digest = hashlib.sha256()
+            for path in sorted(self.weights_files):
+                with open(path, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 22), b""):
+                        digest.update(block)
+            self._model_hash = digest.hexdigest()[:10] if self.weights_files else "unknown"
+        return self._model_hash
+
+    def __call__(self, prompt: str | list[str], **kwargs: Any):
+        """Text to image; see `latentloom.pipelines.txt2img.text_to_image` for the arguments."""
+        from latentloom.pipelines.txt2img import text_to_image
+
+        return text_to_image(self, prompt, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Pipeline(name={self.name!r}, device={self.device}, dtype={self.dtype})"

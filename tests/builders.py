@@ -1,0 +1,102 @@
+"""Tiny components built from configs (no hub, no network), shared by the tests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parent / "data"
+
+# diffusers scheduler class (and its extra config) behind each latentloom sampler name
+DIFFUSERS_SCHEDULERS = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+# Stable Diffusion 1.x's scheduler settings
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    steps_offset=1, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading",
+)
+
+
+def clip_tokenizer():
+    """Character-level CLIP BPE (a few merges), lower case, 77-token window like SD's."""
+    from transformers import CLIPTokenizer
+
+    vocab = json.loads((DATA / "clip_vocab.json").read_text())
+    lines = (DATA / "clip_merges.txt").read_text().splitlines()
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#")]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def clip_text_model(seed: int = 0, hidden_size: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vocab_size = len(json.loads((DATA / "clip_vocab.json").read_text()))
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_diffusers_unet(seed: int = 0, *, in_channels: int = 4, cross_attention_dim: int = 32, **overrides):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8,
+    )
+    kwargs.update(overrides)
+    return UNet2DConditionModel(**kwargs).eval()
+
+
+def tiny_vae(seed: int = 0):
+    """A VAE with factor 2 (two levels) and 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=16,
+    ).eval()
+
+
+def tiny_sd_pipeline(seed: int = 0, *, scheduler: str = "ddim", in_channels: int = 4):
+    """A diffusers StableDiffusionPipeline (or inpaint pipeline for 9 channels) from tiny parts."""
+    import diffusers
+
+    cls_name, extra = DIFFUSERS_SCHEDULERS[scheduler]
+    sched = getattr(diffusers, cls_name)(**SD_SCHEDULER, **extra)
+    pipe_cls = diffusers.StableDiffusionInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionPipeline
+    return pipe_cls(
+        vae=tiny_vae(seed), text_encoder=clip_text_model(seed), tokenizer=clip_tokenizer(),
+        unet=tiny_diffusers_unet(seed, in_channels=in_channels), scheduler=sched,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def save_sd_folder(pipe, folder: Path) -> Path:
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def use_scheduler(pipe, sampler: str):
+    """Switch a diffusers pipeline to the scheduler matching a latentloom sampler name."""
+    import diffusers
+
+    cls_name, extra = DIFFUSERS_SCHEDULERS[sampler]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
+    return pipe
