@@ -16,7 +16,11 @@ from latentloom import __version__
 
 # Subcommands arrive with the issues that build them: "module:function" that takes the
 # argparse subparsers object, adds one parser and sets `func` (args -> exit code).
-_SUBCOMMANDS: list[str] = ["latentloom.training.cli_data:register", "latentloom.training.cli_train:register"]
+_SUBCOMMANDS: list[str] = [
+    "latentloom.pipelines.cli_generate:register",
+    "latentloom.training.cli_data:register",
+    "latentloom.training.cli_train:register",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

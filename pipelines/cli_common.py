@@ -1,0 +1,70 @@
+"""Command-line arguments shared by generate / img2img / inpaint / upscale.
+
+No torch import at module level: `latentloom --help` must stay fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+BUNDLED = "bundled:default"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None,
+                       help="a diffusers or latentloom folder, a .safetensors SD checkpoint, or a hub id "
+                            "(online only); default: the bundled model")
+    group.add_argument("--tokenizer", default=None,
+                       help="folder with CLIP's vocab.json + merges.txt, for single-file checkpoints")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    group.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                       help="weights dtype (default: fp16 on CUDA, fp32 on CPU)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--negative-prompt", default=None)
+    group.add_argument("--steps", type=int, default=None, dest="num_inference_steps",
+                       help="denoising steps (default: the model's)")
+    group.add_argument("--guidance", type=float, default=None, dest="guidance_scale",
+                       help="classifier-free guidance scale (default: the model's)")
+    group.add_argument("--guidance-rescale", type=float, default=0.0)
+    group.add_argument("--sampler", default=None,
+                       help="ddpm, ddim, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, unipc")
+    group.add_argument("--karras", action="store_true", default=None, dest="karras_sigmas",
+                       help="Karras noise levels")
+    group.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: random)")
+    group.add_argument("--num-images", type=int, default=1, dest="num_images_per_prompt")
+    group.add_argument("--clip-guidance", type=float, default=0.0, dest="clip_guidance_scale",
+                       help="CLIP guidance scale (needs a model with an image-text model)")
+    group.add_argument("--output", "-o", default="latentloom.png",
+                       help="PNG path; several images become NAME-0.png, NAME-1.png, ...")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def call_kwargs(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The pipeline keyword arguments the user set (None means: the model's default)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+SAMPLING_NAMES = ("negative_prompt", "num_inference_steps", "guidance_scale", "guidance_rescale", "sampler",
+                  "karras_sigmas", "seed", "num_images_per_prompt", "clip_guidance_scale")
+
+
+def load(args: argparse.Namespace):
+    from latentloom.pipelines.loading import load_pipeline
+
+    model = None if args.model in (None, BUNDLED) else args.model
+    return load_pipeline(model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+
+
+def report_saved(paths) -> None:
+    for path in paths:
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def fail(message: str) -> int:
+    print(f"latentloom: error: {message}", file=sys.stderr)
+    return 2
