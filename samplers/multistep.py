@@ -18,7 +18,7 @@ from .solvers import Callback, Denoise, _check, _s
 def sample_dpmpp_2m(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
                     callback: Callback = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, midpoint form); = diffusers DPMSolverMultistepScheduler "dpmsolver++"."""
-    sigmas = _check(x, sigmas)
+    x, sigmas, dtype = _check(x, sigmas)
     old_denoised, h_last = None, None
     for i in range(sigmas.numel() - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -36,14 +36,14 @@ def sample_dpmpp_2m(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *,
             d1 = (1.0 / r) * (denoised - old_denoised)
             x = (sigma_next / sigma) * x - (torch.exp(-h) - 1.0) * denoised - 0.5 * (torch.exp(-h) - 1.0) * d1
         old_denoised, h_last = denoised, h
-    return x
+    return x.to(dtype)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
                         callback: Callback = None) -> torch.Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022, eq. 18 family, midpoint); = diffusers "sde-dpmsolver++" with per-step randn noise."""
-    sigmas = _check(x, sigmas)
+    x, sigmas, dtype = _check(x, sigmas)
     old_denoised, h_last = None, None
     for i in range(sigmas.numel() - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -63,7 +63,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor
             x = x + 0.5 * e2h * ((1.0 / r) * (denoised - old_denoised))
         x = x + sigma_next * torch.sqrt(e2h) * noise
         old_denoised, h_last = denoised, h
-    return x
+    return x.to(dtype)
 
 
 def _unipc_rhos(h: torch.Tensor, rks: list[torch.Tensor], order: int, *, corrector: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,7 +104,7 @@ def sample_unipc(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, ge
     """UniPC-bh2 predictor-corrector (Zhao et al. 2023) of `order`; = diffusers UniPCMultistepScheduler."""
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
-    sigmas = _check(x, sigmas)
+    x, sigmas, dtype = _check(x, sigmas)
     lambdas = -sigmas.log()  # (N + 1,); inf at sigma 0
     n = sigmas.numel() - 1
     history: list[torch.Tensor] = []  # x0 estimates, oldest first
@@ -136,4 +136,4 @@ def sample_unipc(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, ge
         d1s = [(history[-1 - k] - m0) / rk for k, rk in zip(range(1, this_order), rks)]
         rhos, h_phi_1, B_h = _unipc_rhos(h, rks, this_order, corrector=False)
         x = (sigma_next / sigma) * x - h_phi_1 * m0 - B_h * _weighted(rhos, d1s)
-    return x
+    return x.to(dtype)

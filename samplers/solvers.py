@@ -23,10 +23,17 @@ Denoise = Callable[..., torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None
 
 
-def _check(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+def _check(x: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """(x, sigmas) in the working dtype, and x's dtype to return in.
+
+    Half-precision latents are walked in float32 (as diffusers' schedulers upcast): sigmas in
+    bf16 would be off by ~0.4% and would no longer match the registered model timesteps.
+    """
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be 1-D with at least 2 entries (start and end), got shape {tuple(sigmas.shape)}")
-    return sigmas.to(x.device, x.dtype)
+    dtype = x.dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return x.to(work), sigmas.to(x.device, work), dtype
 
 
 def _s(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -49,21 +56,21 @@ def _ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -
 def sample_euler(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
                  callback: Callback = None) -> torch.Tensor:
     """Euler on the probability-flow ODE (Karras et al. 2022, Alg. 2 without churn); = diffusers EulerDiscreteScheduler."""
-    sigmas = _check(x, sigmas)
+    x, sigmas, dtype = _check(x, sigmas)
     for i in range(sigmas.numel() - 1):
         denoised = denoiser(x, _s(sigmas[i], x))
         if callback is not None:
             callback(i, sigmas[i], x, denoised)
         d = (x - denoised) / sigmas[i]
         x = x + d * (sigmas[i + 1] - sigmas[i])
-    return x
+    return x.to(dtype)
 
 
 @torch.no_grad()
 def sample_euler_a(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
                    callback: Callback = None, eta: float = 1.0) -> torch.Tensor:
     """Ancestral Euler (k-diffusion `sample_euler_ancestral`); = diffusers EulerAncestralDiscreteScheduler at eta=1."""
-    sigmas = _check(x, sigmas)
+    x, sigmas, dtype = _check(x, sigmas)
     for i in range(sigmas.numel() - 1):
         denoised = denoiser(x, _s(sigmas[i], x))
         if callback is not None:
@@ -73,14 +80,14 @@ def sample_euler_a(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, 
         x = x + d * (sigma_down - sigmas[i])
         # diffusers draws at every step, the last included (where sigma_up is 0)
         x = x + _noise_like(x, generator) * sigma_up
-    return x
+    return x.to(dtype)
 
 
 @torch.no_grad()
 def sample_ddim(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
                 callback: Callback = None, eta: float = 0.0) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) with stochasticity eta, in VE form; = diffusers DDIMScheduler."""
-    sigmas = _check(x, sigmas)
+    x, sigmas, dtype = _check(x, sigmas)
     for i in range(sigmas.numel() - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, _s(sigma, x))
@@ -92,14 +99,14 @@ def sample_ddim(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, gen
             x = denoised + sigma_down * eps + sigma_up * _noise_like(x, generator)
         else:
             x = denoised + sigma_next * eps
-    return x
+    return x.to(dtype)
 
 
 @torch.no_grad()
 def sample_ddpm(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
                 callback: Callback = None) -> torch.Tensor:
     """Ancestral sampling from the DDPM posterior q(x_s' | x_s, x0) (Ho et al. 2020, eq. 7); = diffusers DDPMScheduler."""
-    sigmas = _check(x, sigmas)
+    x, sigmas, dtype = _check(x, sigmas)
     for i in range(sigmas.numel() - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, _s(sigma, x))
@@ -110,14 +117,14 @@ def sample_ddpm(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, gen
         x = denoised + ratio * (x - denoised)
         if sigma_next > 0:
             x = x + (sigma_next**2 * (1 - ratio)) ** 0.5 * _noise_like(x, generator)
-    return x
+    return x.to(dtype)
 
 
 @torch.no_grad()
 def sample_heun(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
                 callback: Callback = None) -> torch.Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1), Euler on the last step to sigma 0; = diffusers HeunDiscreteScheduler."""
-    sigmas = _check(x, sigmas)
+    x, sigmas, dtype = _check(x, sigmas)
     for i in range(sigmas.numel() - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, _s(sigma, x))
@@ -131,5 +138,5 @@ def sample_heun(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, gen
         x_2 = x + d * dt
         d_2 = (x_2 - denoiser(x_2, _s(sigma_next, x))) / sigma_next
         x = x + (d + d_2) / 2 * dt
-    return x
+    return x.to(dtype)
 

@@ -88,3 +88,13 @@ def test_stochastic_std_error_falls_with_steps():
         x = torch.randn(20000, 1, generator=g) * math.sqrt(SIGMA_MAX**2 + S**2) + MU
         errs.append(abs(SAMPLERS["euler_a"](gaussian_denoiser, x, sigmas_of(n), generator=g).std().item() - S))
     assert errs[0] > errs[1] > errs[2], errs
+
+
+def test_order_summary():
+    """Measured convergence order of every deterministic solver (run with -s to see the table)."""
+    print("\nsolver     measured order (theory)   errors at 16 / 32 / 64 steps")
+    for name, order in DETERMINISTIC_ORDER.items():
+        measured = measured_order(name)
+        errors = " / ".join(f"{ode_error(name, n):.2e}" for n in (16, 32, 64))
+        print(f"{name:10s} {measured:5.2f} ({order:.0f})              {errors}")
+        assert abs(measured - order) < 0.35

@@ -167,3 +167,16 @@ def test_solvers_keep_dtype_and_device(name):
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     out = SAMPLERS[name](lambda x, s: 0.5 * x, x, torch.tensor([5.0, 1.0, 0.0]))
     assert out.dtype == torch.float64 and out.device == x.device
+
+
+def test_half_precision_latents_are_walked_in_float32():
+    schedule = DiscreteSchedule.from_config(ScheduleConfig())
+    sigmas = make_sigmas(schedule, 5, sampler="euler")
+    model = ToyModel()
+    denoiser = Denoiser(model, schedule, prediction_type="epsilon")
+    x = (torch.randn(1, 4, 8, 8) * 14).to(torch.bfloat16)
+    out = SAMPLERS["euler"](denoiser, x, sigmas)
+    ref = SAMPLERS["euler"](denoiser, x.float(), sigmas)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.to(torch.bfloat16))
+    # the model saw diffusers' registered timesteps, not bf16-rounded sigmas' interpolations
+    assert model.calls[0][1][0] == 801.0  # leading spacing, 5 steps: 800 + steps_offset

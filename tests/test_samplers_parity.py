@@ -196,3 +196,15 @@ def test_ddim_spacing_where_diffusers_skips_warns():
     schedule = DiscreteSchedule.from_config(ScheduleConfig())
     with pytest.warns(UserWarning, match="DDIMScheduler steps"):
         make_sigmas(schedule, 10, sampler="ddim", timestep_spacing="linspace")
+
+
+def test_parity_summary():
+    """Worst trajectory difference per solver over all configurations above (run with -s to see the table)."""
+    worst = {}
+    for sampler, pred, karras, spacing in CASES:
+        err = compare(sampler, diffusers_config(sampler, pred, karras, spacing))
+        worst[sampler] = max(worst.get(sampler, 0.0), err)
+    print("\nsolver         max |latentloom - diffusers| over eps/v x spacings x Karras")
+    for sampler, err in worst.items():
+        print(f"{sampler:14s} {err:.2e}")
+    assert max(worst.values()) <= TOL
