@@ -357,6 +357,13 @@ def test_bad_constructor_arguments(model, tokenizer):
         CLIPEncoder(model, tokenizer, cache_size=-1)
 
 
+def test_tokenizer_without_start_token(model):
+    broken = clip_tokenizer()
+    broken.bos_token = None
+    with pytest.raises(ValueError, match="a CLIP tokenizer needs bos and eos tokens, got bos=None eos=1"):
+        CLIPEncoder(model, broken)
+
+
 def test_window_too_short_for_text(tokenizer):
     with pytest.raises(ValueError, match="leaves no room for text"):
         CLIPEncoder(clip_model(max_position_embeddings=2), tokenizer)

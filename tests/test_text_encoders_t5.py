@@ -129,6 +129,13 @@ def test_cache_skips_the_model(tokenizer):
     assert len(calls) == 2
 
 
+def test_tokenizer_without_end_token(model):
+    broken = t5_tokenizer()
+    broken.eos_token = None
+    with pytest.raises(ValueError, match="a T5 tokenizer needs an eos token"):
+        T5Encoder(model, broken)
+
+
 @pytest.mark.parametrize("bad", [1, 0, -5, True, 8.0, None])
 def test_bad_max_length(model, tokenizer, bad):
     with pytest.raises(ValueError, match="max_length must be an int >= 2"):

@@ -3,7 +3,8 @@ long prompts, one batched model call, a small LRU cache, and assembly into a Tex
 
 A prompt becomes token ids with one weight each (parse_prompt_weights, then each fragment
 tokenized without special tokens). The ids are cut into windows of at most
-`window_length - len(prefix) - len(suffix)` tokens; each window gets its own start/end tokens
+`window_length - len(prefix) - len(suffix)` tokens, moving a cut back to a word boundary
+rather than split a short word (see _spans); each window gets its own start/end tokens
 and is encoded on its own, and the windows' hidden states are concatenated (the A1111 /
 ComfyUI approach to prompts longer than CLIP's 77 tokens). An encoder that cannot take more
 windows (T5: one) keeps what fits and warns with the text it cut.
