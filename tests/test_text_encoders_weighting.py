@@ -1,5 +1,9 @@
 """parse_prompt_weights: the (word:1.3) / (word) / [word] syntax, nesting, escapes, bad brackets."""
+import warnings
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from latentloom.text_encoders import parse_prompt_weights
 
@@ -80,3 +84,24 @@ def test_no_text_is_lost():
 def test_non_string_is_a_type_error(bad):
     with pytest.raises(TypeError, match="prompt must be a str"):
         parse_prompt_weights(bad)
+
+
+# ---- properties -------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_characters="()[]\\"), max_size=60))
+def test_text_without_syntax_is_one_run_of_weight_one(text):
+    assert parse_prompt_weights(text) == [(text, 1.0)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="ab :.1-()[]\\", max_size=40))
+def test_any_text_parses_and_keeps_every_letter(text):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runs = parse_prompt_weights(text)
+    assert runs and all(isinstance(f, str) and isinstance(w, float) for f, w in runs)
+    joined = "".join(f for f, _ in runs)
+    assert [c for c in joined if c in "ab"] == [c for c in text if c in "ab"]
+    assert all(runs[i][1] != runs[i + 1][1] for i in range(len(runs) - 1))  # runs are merged
