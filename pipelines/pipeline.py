@@ -44,6 +44,7 @@ class Pipeline:
         self.defaults = defaults or CallDefaults()
         self.weights_files = list(weights_files or [])
         self.clip_model = clip_model
+        self.clip_tokenizer = None  # set with a transformers CLIPModel as clip_model
         self._model_hash: str | None = None
 
     @property
