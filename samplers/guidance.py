@@ -97,3 +97,28 @@ class CFGDenoiser:
         if self.rescale > 0:
             guided = rescale_guidance(guided, out_c, self.rescale)
         return self.denoiser.to_x0(x, sigma, guided) if raw else guided
+
+
+class InpaintBlend:
+    """Keep the known region: x0 = mask * D(x, sigma) + (1 - mask) * x0_known (mask 1 = repaint).
+
+    For models without inpainting channels. It acts on the x0 estimate, so it works with every
+    solver; diffusers' legacy 4-channel inpaint loop instead re-noises the known latents after
+    each scheduler step, so results are close to, not equal to, diffusers'. Inpainting UNets
+    take mask and masked latents through the Denoiser's `concat` instead.
+    """
+
+    def __init__(self, denoiser: Callable[..., torch.Tensor], *, x0_known: torch.Tensor, mask: torch.Tensor):
+        if mask.ndim != x0_known.ndim or mask.shape[0] not in (1, x0_known.shape[0]) or mask.shape[2:] != x0_known.shape[2:]:
+            raise ValueError(
+                f"mask {tuple(mask.shape)} must broadcast over the known latents {tuple(x0_known.shape)} "
+                "(same batch or 1, one or all channels, same spatial size)"
+            )
+        self.denoiser = denoiser
+        self.x0_known = x0_known
+        self.mask = mask
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
+        x0 = self.denoiser(x, sigma, **cond)
+        mask = self.mask.to(x0)
+        return mask * x0 + (1 - mask) * self.x0_known.to(x0)

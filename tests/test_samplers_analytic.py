@@ -90,11 +90,14 @@ def test_stochastic_std_error_falls_with_steps():
     assert errs[0] > errs[1] > errs[2], errs
 
 
-def test_order_summary():
-    """Measured convergence order of every deterministic solver (run with -s to see the table)."""
+def order_summary():
+    """Print the measured convergence order of every deterministic solver."""
     print("\nsolver     measured order (theory)   errors at 16 / 32 / 64 steps")
     for name, order in DETERMINISTIC_ORDER.items():
         measured = measured_order(name)
         errors = " / ".join(f"{ode_error(name, n):.2e}" for n in (16, 32, 64))
         print(f"{name:10s} {measured:5.2f} ({order:.0f})              {errors}")
-        assert abs(measured - order) < 0.35
+
+
+if __name__ == "__main__":  # .venv/bin/python tests/test_samplers_analytic.py
+    order_summary()
