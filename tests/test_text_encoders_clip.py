@@ -68,8 +68,8 @@ def tiny_sd_pipeline(text_encoder, tokenizer):
         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
     )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
