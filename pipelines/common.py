@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import secrets
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -189,3 +190,94 @@ def check_output_type(output_type: Any) -> str:
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     return output_type
+
+
+# ---------------------------------------------------------------- shared by the image-conditioned pipelines
+@dataclass
+class CallArgs:
+    """The checked arguments every pipeline call shares (what txt2img checks one by one)."""
+
+    prompts: list[str]
+    negatives: list[str] | None
+    steps: int
+    scale: float
+    rescale: float
+    sampler: str
+    karras: bool
+    per_prompt: int
+    output_type: str
+    generator: Any
+    seeds: list[int | None]
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.per_prompt
+
+
+def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: Any, guidance_scale: Any,
+               guidance_rescale: Any, sampler: Any, karras_sigmas: Any, num_images_per_prompt: Any,
+               output_type: Any, seed: Any, generator: Any) -> CallArgs:
+    """Check the shared arguments (None = the model's default) before any work is done."""
+    d = pipe.defaults
+    prompts = check_prompt_list(prompt)
+    negatives = check_negative(negative_prompt, len(prompts))
+    steps = check_int(d.num_inference_steps if num_inference_steps is None else num_inference_steps,
+                      "num_inference_steps", low=1, high=pipe.schedule.num_train_timesteps)
+    scale = check_float(d.guidance_scale if guidance_scale is None else guidance_scale, "guidance_scale", low=0.0)
+    rescale = check_float(guidance_rescale, "guidance_rescale", low=0.0, high=1.0)
+    sampler = sampler or d.sampler
+    get_sampler(sampler)
+    per_prompt = check_int(num_images_per_prompt, "num_images_per_prompt", low=1, high=64)
+    output_type = check_output_type(output_type)
+    karras = pipe.schedule_config.use_karras_sigmas if karras_sigmas is None else bool(karras_sigmas)
+    generator, seeds = make_generators(seed=seed, generator=generator, batch=len(prompts) * per_prompt)
+    return CallArgs(prompts, negatives, steps, scale, rescale, sampler, karras, per_prompt, output_type,
+                    generator, seeds)
+
+
+def call_sigmas(pipe, call: CallArgs) -> torch.Tensor:
+    """The full sigma ladder (N + 1,) for this call's sampler and step count."""
+    from latentloom.samplers.schedules import make_sigmas
+
+    cfg = pipe.schedule_config
+    return make_sigmas(pipe.schedule, call.steps, sampler=call.sampler, timestep_spacing=cfg.timestep_spacing,
+                       steps_offset=cfg.steps_offset, karras=call.karras, set_alpha_to_one=cfg.set_alpha_to_one)
+
+
+def guided_denoiser(pipe, call: CallArgs, *, extra: dict | None = None):
+    """Encode the prompts and build the (CFG-)guided denoiser; `extra` as in `build_denoiser`."""
+    cond, uncond = text_conditions(pipe, call.prompts, call.negatives, guided=call.scale > 1.0)
+    cond = repeat_cond(cond, call.per_prompt)
+    uncond = repeat_cond(uncond, call.per_prompt) if uncond is not None else None
+    return build_denoiser(pipe, cond=cond, uncond=uncond, guidance_scale=call.scale,
+                          guidance_rescale=call.rescale, extra=extra)
+
+
+def call_recipes(pipe, call: CallArgs, *, height: int, width: int, task: str, **fields: Any) -> list[dict]:
+    """One recipe per image: the shared settings, the task's own `fields`, the prompt and seed."""
+    import latentloom
+
+    shared = {
+        "num_inference_steps": call.steps, "sampler": call.sampler, "karras_sigmas": call.karras,
+        "guidance_scale": call.scale, "guidance_rescale": call.rescale, "clip_guidance_scale": 0.0,
+        "height": height, "width": width, "model": pipe.name, "model_hash": pipe.model_hash(),
+        "dtype": str(pipe.dtype).removeprefix("torch."), "latentloom_version": latentloom.__version__,
+        "task": task, **fields,
+    }
+    n = call.per_prompt
+    return [
+        {**shared, "prompt": call.prompts[i // n], "seed": call.seeds[i],
+         "negative_prompt": call.negatives[i // n] if call.negatives else None}
+        for i in range(call.batch)
+    ]
+
+
+def check_unet_channels(pipe, *, expected: tuple[int, ...], task: str) -> int:
+    """The UNet's input channels, or ValueError when this task cannot use such a UNet."""
+    channels = int(pipe.unet.config.in_channels)
+    if channels not in expected:
+        raise ValueError(
+            f"{task} needs a UNet with {' or '.join(map(str, expected))} input channels; this model's UNet has "
+            f"{channels} (4 = text-to-image / img2img, 9 = SD-inpainting, 7 = x4 upscaler)"
+        )
+    return channels

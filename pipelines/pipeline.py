@@ -91,5 +91,23 @@ class Pipeline:
 
         return text_to_image(self, prompt, **kwargs)
 
+    def img2img(self, prompt: str | list[str], **kwargs: Any):
+        """Image to image; see `latentloom.pipelines.img2img.image_to_image` for the arguments."""
+        from latentloom.pipelines.img2img import image_to_image
+
+        return image_to_image(self, prompt, **kwargs)
+
+    def inpaint(self, prompt: str | list[str], **kwargs: Any):
+        """Inpainting (9-channel or any 4-channel UNet); see `latentloom.pipelines.inpaint.inpaint`."""
+        from latentloom.pipelines.inpaint import inpaint
+
+        return inpaint(self, prompt, **kwargs)
+
+    def upscale(self, prompt: str | list[str], **kwargs: Any):
+        """Super-resolution with an x4-upscaler-style model; see `latentloom.pipelines.upscale.upscale`."""
+        from latentloom.pipelines.upscale import upscale
+
+        return upscale(self, prompt, **kwargs)
+
     def __repr__(self) -> str:
         return f"Pipeline(name={self.name!r}, device={self.device}, dtype={self.dtype})"

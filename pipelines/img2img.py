@@ -1,0 +1,73 @@
+"""Image to image (SDEdit, Meng et al. 2022): encode the image, noise it to the level `strength`
+sets, and denoise from there with any sampler."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from latentloom.pipelines.common import (
+    call_recipes, call_sigmas, check_float, check_unet_channels, guided_denoiser, latents_to_output, parse_call,
+    run_sampler,
+)
+from latentloom.pipelines.image_input import (
+    check_image_size, encode_for_batch, images_to_tensor, per_prompt_images, record_hashes, to_model_range,
+)
+from latentloom.pipelines.output import PipelineOutput
+from latentloom.samplers.noise import add_noise, final_latents, randn, sigmas_for_strength
+
+
+def check_strength(strength: Any) -> float:
+    return check_float(strength, "strength", low=0.0, high=1.0)
+
+
+@torch.no_grad()
+def image_to_image(
+    pipe,
+    prompt: str | list[str],
+    *,
+    image: Any,
+    strength: float = 0.8,
+    negative_prompt: str | list[str] | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    sampler: str | None = None,
+    karras_sigmas: bool | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    seed: int | None = None,
+    num_images_per_prompt: int = 1,
+    output_type: str = "pil",
+    callback: Callable | None = None,
+    progress: bool = True,
+) -> PipelineOutput:
+    """Re-draw `image` following `prompt`; `strength` in [0, 1] is how far it may move (1: from pure noise
+    level, though still started from the image, as diffusers does).
+
+    image: one image for every prompt, or one per prompt (PIL, numpy or tensor; see
+    `image_input`); its size is the output size and must be a multiple of the VAE factor.
+    The last int(num_inference_steps * strength) steps of the schedule run; a strength that
+    leaves none is an error. Other arguments as `text_to_image`; the same generator gives
+    diffusers' `StableDiffusionImg2ImgPipeline` image.
+    """
+    call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
+                      karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
+                      output_type=output_type, seed=seed, generator=generator)
+    strength = check_strength(strength)
+    check_unet_channels(pipe, expected=(pipe.latent_channels,), task="img2img")
+    pixels = per_prompt_images(images_to_tensor(image), len(call.prompts))  # (n, 3, H, W) in [0, 1]
+    height, width = check_image_size(pipe, pixels)
+    sigmas = sigmas_for_strength(call_sigmas(pipe, call), strength, sampler=call.sampler)
+
+    denoiser = guided_denoiser(pipe, call)
+    x0 = encode_for_batch(pipe.vae, to_model_range(pixels).to(pipe.device), batch=call.batch,
+                          generator=call.generator)  # (B, C, h, w)
+    noise = randn(x0.shape, generator=call.generator, device=pipe.device, dtype=torch.float32)
+    x = add_noise(x0, noise, sigmas[0])
+    x = run_sampler(call.sampler, denoiser, x, sigmas.to(pipe.device), generator=call.generator,
+                    callback=callback, progress=progress)
+    images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type)
+    recipes = call_recipes(pipe, call, height=height, width=width, task="img2img", strength=strength)
+    record_hashes(recipes, pixels, "image_hash")
+    return PipelineOutput(images=images, recipes=recipes)
