@@ -1,7 +1,23 @@
-"""Noise schedules, denoiser wrappers, solvers and guidance.
+"""Noise schedules, denoiser wrappers, solvers and guidance, in the k-diffusion form.
 
-Solvers are pure functions `sample(denoiser, x, sigmas, *, generator=None, callback=None) -> x`
-registered by name in `SAMPLERS`; see `solvers.py` for the callback contract.
+x = x0 + sigma * eps ("VE" variables); a denoiser maps (x, sigma) to an x0 estimate. Every
+solver is a pure function `sample(denoiser, x, sigmas, *, generator=None, callback=None) -> x`
+registered by name in `SAMPLERS` (callback(i, sigma, x, denoised) once per step; see
+`solvers.py`). A txt2img run that reproduces diffusers' scheduler of the same name:
+
+    config = ScheduleConfig.from_diffusers_config(scheduler_config_json_dict)
+    schedule = DiscreteSchedule.from_config(config)
+    sigmas = make_sigmas(schedule, steps, sampler=name, timestep_spacing=config.timestep_spacing,
+                         steps_offset=config.steps_offset, karras=config.use_karras_sigmas,
+                         set_alpha_to_one=config.set_alpha_to_one)
+    denoiser = Denoiser(unet, schedule, prediction_type=config.prediction_type)
+    guided = CFGDenoiser(denoiser, cond={"context": text}, uncond={"context": empty}, scale=7.5)
+    x = initial_latents(randn(shape, generator=generators), sigmas, sampler=name,
+                        timestep_spacing=config.timestep_spacing)
+    latents = final_latents(get_sampler(name)(guided, x, sigmas, generator=generators), sigmas)
+
+img2img / inpaint: `sigmas = sigmas_for_strength(sigmas, strength, sampler=name)` and
+`x = add_noise(image_latents, randn(...), sigmas[0])`.
 """
 from __future__ import annotations
 
@@ -9,7 +25,19 @@ from typing import Callable
 
 import torch
 
+from .clip_guidance import CLIPGuidance
+from .denoiser import Denoiser
+from .guidance import CFGDenoiser, InpaintBlend
 from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
+from .noise import add_noise, final_latents, init_noise_sigma, initial_latents, randn, sigmas_for_strength
+from .schedules import (
+    DiscreteSchedule,
+    ScheduleConfig,
+    make_betas,
+    make_sigmas,
+    rescale_zero_terminal_snr,
+    sigmas_and_timesteps,
+)
 from .solvers import sample_ddim, sample_ddpm, sample_euler, sample_euler_a, sample_heun
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
@@ -32,4 +60,9 @@ def get_sampler(name: str) -> Callable[..., torch.Tensor]:
         raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}") from None
 
 
-__all__ = ["SAMPLERS", "get_sampler"]
+__all__ = [
+    "SAMPLERS", "get_sampler",
+    "ScheduleConfig", "DiscreteSchedule", "make_betas", "rescale_zero_terminal_snr", "make_sigmas",
+    "sigmas_and_timesteps", "Denoiser", "CFGDenoiser", "CLIPGuidance", "InpaintBlend",
+    "randn", "init_noise_sigma", "initial_latents", "add_noise", "sigmas_for_strength", "final_latents",
+]

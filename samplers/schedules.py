@@ -236,6 +236,14 @@ def _spaced_timesteps(spacing: str, n: int, T: int, steps_offset: int, *, kind: 
     raise ValueError(f"timestep_spacing {spacing!r} not in {TIMESTEP_SPACINGS}")
 
 
+def _check_range(ts: np.ndarray, T: int, steps_offset: int) -> None:
+    if np.any(ts > T - 1) or np.any(ts < 0):
+        raise ValueError(
+            f"timesteps {np.asarray(ts).tolist()} fall outside [0, {T - 1}]: lower steps_offset ({steps_offset}) "
+            "or num_inference_steps"
+        )
+
+
 def make_sigmas(
     schedule: DiscreteSchedule,
     num_inference_steps: int,
@@ -301,8 +309,7 @@ def sigmas_and_timesteps(
             ts = np.array([log_sigma_to_t(s, schedule.log_sigmas) for s in sig])
     else:  # ddim, ddpm: integer timesteps
         ts = _spaced_timesteps(timestep_spacing, n, T, steps_offset, kind="ddim")
-        if ts.max() >= T or ts.min() < 0:
-            raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {T - 1}]: lower steps_offset ({steps_offset})")
+        _check_range(ts, T, steps_offset)
         sig = train[ts].astype(np.float64)
         if sampler == "ddim":
             ratio = T // n
@@ -318,9 +325,7 @@ def sigmas_and_timesteps(
                 )
             if not set_alpha_to_one:
                 last = float(train[0])
-    if np.any(ts >= T) or np.any(ts < 0):
-        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {T - 1}]: lower steps_offset ({steps_offset})")
-
+    _check_range(ts, T, steps_offset)
     sigmas = torch.from_numpy(np.concatenate([sig, [last]]).astype(np.float32))
     timesteps = torch.from_numpy(np.asarray(ts).astype(np.float32))
     schedule.register(sigmas[:-1], timesteps)
