@@ -73,12 +73,14 @@ class UNetTask:
         vae_source: str | Path | None = None,
         copy_from: str | Path | None = None,
         upscaler: bool = False,
+        latent_channels: int | None = None,
     ) -> None:
+        """latent_channels: what x0 has when neither a VAE nor pixels say (precomputed latents)."""
         self.cfg, self.model, self.text_encoder, self.dataset = cfg, unet, text_encoder, dataset
         self.vae, self.vae_source, self.copy_from, self.upscaler = vae, vae_source, copy_from, upscaler
         self.alphas_cumprod = alphas_cumprod
         in_channels = unet.config.in_channels
-        image_channels = vae.config.latent_channels if vae is not None else 3
+        image_channels = vae.config.latent_channels if vae is not None else (latent_channels or 3)
         expected = image_channels + (3 if upscaler else 0)
         if in_channels != expected:
             raise ValueError(
