@@ -22,6 +22,10 @@ _LAZY: dict[str, str] = {
     "UNetConfig": "latentloom.unet.config",
     "ScheduleConfig": "latentloom.samplers.schedules",
     "SAMPLERS": "latentloom.samplers",
+    "CLIPEncoder": "latentloom.text_encoders.clip",
+    "T5Encoder": "latentloom.text_encoders.t5",
+    "MiniLMEncoder": "latentloom.text_encoders.minilm",
+    "CaptionedImageDataset": "latentloom.training.data",
 }
 
 __all__ = ["__version__", *_LAZY]

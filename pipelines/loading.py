@@ -16,7 +16,6 @@ from latentloom.pipelines.pipeline import Pipeline
 from latentloom.samplers.schedules import ScheduleConfig
 
 BUNDLED_NAME = "default"
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -33,6 +32,8 @@ def load_pipeline(
     dtype: torch.dtype | str | None = None,
     tokenizer: str | os.PathLike | None = None,
     prediction_type: str | None = None,
+    allow_pickle: bool = False,
+    unet_config=None,
 ) -> Pipeline:
     """Load a model into a `Pipeline`.
 
@@ -45,6 +46,10 @@ def load_pipeline(
     vocab.json + merges.txt (or a diffusers folder's tokenizer/).
     prediction_type: override the prediction type of a single-file checkpoint ("epsilon" or
     "v_prediction"); diffusers folders say it in scheduler_config.json.
+    allow_pickle: read a pickle checkpoint (.ckpt/.bin/.pt) with torch.load(weights_only=True);
+    refused by default because unpickling can run code.
+    unet_config: the `UNetConfig` of a single-file checkpoint whose UNet is not SD-shaped
+    (by default it is inferred from the weights).
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype, device)
@@ -63,7 +68,8 @@ def load_pipeline(
         elif source.is_file():
             from latentloom.pipelines.single_file import load_single_file
 
-            pipe = load_single_file(source, tokenizer=tokenizer, prediction_type=prediction_type)
+            pipe = load_single_file(source, tokenizer=tokenizer, prediction_type=prediction_type,
+                                    allow_pickle=allow_pickle, unet_config=unet_config)
         elif isinstance(path, str) and _HUB_ID.match(path) and not path.startswith((".", "/")):
             pipe = load_folder(_download(path))
             pipe.name = path
@@ -154,7 +160,7 @@ def _text_encoder_from_index(folder: Path, spec: dict[str, Any]):
     if kind == "minilm":
         return text_encoders.MiniLMEncoder()
     if kind == "clip":
-        return text_encoders.CLIPEncoder.from_pretrained(folder / spec.get("path", "text_encoder"))
+        return text_encoders.CLIPEncoder.from_pretrained(folder, text_encoder_subfolder=spec.get("path", "text_encoder"))
     raise ValueError(f"{folder}/model_index.json: text_encoder kind {kind!r} is not one of 'minilm', 'clip'")
 
 

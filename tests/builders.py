@@ -37,14 +37,14 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def clip_text_model(seed: int = 0, hidden_size: int = 32):
+def clip_text_model(seed: int = 0, hidden_size: int = 32, num_heads: int = 4):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     vocab_size = len(json.loads((DATA / "clip_vocab.json").read_text()))
     config = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        num_attention_heads=num_heads, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )
     return CLIPTextModel(config).eval()
 
@@ -74,16 +74,18 @@ def tiny_vae(seed: int = 0):
     ).eval()
 
 
-def tiny_sd_pipeline(seed: int = 0, *, scheduler: str = "ddim", in_channels: int = 4):
-    """A diffusers StableDiffusionPipeline (or inpaint pipeline for 9 channels) from tiny parts."""
+def tiny_sd_pipeline(seed: int = 0, *, scheduler: str = "ddim", in_channels: int = 4, text_hidden: int = 32):
+    """A diffusers StableDiffusionPipeline (or inpaint pipeline for 9 channels) from tiny parts.
+    text_hidden=64 gives SD's 64-wide attention heads (one head), as single files assume."""
     import diffusers
 
     cls_name, extra = DIFFUSERS_SCHEDULERS[scheduler]
     sched = getattr(diffusers, cls_name)(**SD_SCHEDULER, **extra)
     pipe_cls = diffusers.StableDiffusionInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionPipeline
     return pipe_cls(
-        vae=tiny_vae(seed), text_encoder=clip_text_model(seed), tokenizer=clip_tokenizer(),
-        unet=tiny_diffusers_unet(seed, in_channels=in_channels), scheduler=sched,
+        vae=tiny_vae(seed), text_encoder=clip_text_model(seed, text_hidden, text_hidden // 64 if text_hidden >= 64 else 4),
+        tokenizer=clip_tokenizer(), unet=tiny_diffusers_unet(seed, in_channels=in_channels, cross_attention_dim=text_hidden),
+        scheduler=sched,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
@@ -100,3 +102,45 @@ def use_scheduler(pipe, sampler: str):
     cls_name, extra = DIFFUSERS_SCHEDULERS[sampler]
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
     return pipe
+
+
+def _vae_to_ldm(sd: dict) -> dict:
+    """diffusers AutoencoderKL keys -> the original LDM `first_stage_model` keys (for test files)."""
+    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down_blocks."))
+    out = {}
+    for key, value in sd.items():
+        new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        new = new.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
+        if "mid_block.attentions.0" in new:
+            new = new.replace("mid_block.attentions.0", "mid.attn_1").replace("group_norm", "norm")
+            new = new.replace("to_q", "q").replace("to_k", "k").replace("to_v", "v").replace("to_out.0", "proj_out")
+            if value.ndim == 2:
+                value = value[:, :, None, None]  # LDM uses 1x1 convs for the VAE's attention
+        parts = new.split(".")
+        if parts[1] == "down_blocks":
+            i = parts[2]
+            rest = ".".join(parts[3:]).replace("resnets.", "block.").replace("downsamplers.0", "downsample")
+            new = f"{parts[0]}.down.{i}.{rest}"
+        elif parts[1] == "up_blocks":
+            i = levels - 1 - int(parts[2])
+            rest = ".".join(parts[3:]).replace("resnets.", "block.").replace("upsamplers.0", "upsample")
+            new = f"{parts[0]}.up.{i}.{rest}"
+        out[new] = value
+    return out
+
+
+def to_single_file(pipe, path: Path) -> Path:
+    """Write a diffusers SD 1.x pipeline as an original single-file checkpoint (.safetensors)."""
+    from safetensors.torch import save_file
+
+    from latentloom.unet import UNetConfig
+    from latentloom.unet.convert import diffusers_to_ldm
+
+    cfg = UNetConfig.from_diffusers_config(dict(pipe.unet.config))
+    state = {f"model.diffusion_model.{k}": v for k, v in diffusers_to_ldm(pipe.unet.state_dict(), cfg).items()}
+    state.update({f"first_stage_model.{k}": v for k, v in _vae_to_ldm(pipe.vae.state_dict()).items()})
+    # original files use transformers 4 names (text_model.*), whatever transformers builds today
+    text = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}
+    state.update({f"cond_stage_model.transformer.text_model.{k}": v for k, v in text.items()})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path

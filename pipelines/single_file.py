@@ -1,0 +1,225 @@
+"""Original single-file Stable Diffusion 1.x / 2.x checkpoints (`.safetensors`).
+
+One file holds three models under prefixes: `model.diffusion_model.` (the UNet, converted by
+latentloom.unet), `first_stage_model.` (the VAE) and `cond_stage_model.` (CLIP ViT-L for 1.x,
+OpenCLIP ViT-H for 2.x). The VAE and text-encoder key renaming is diffusers' own converter:
+those models are diffusers' / transformers' classes, so we use their mapping rather than a copy.
+The file carries no tokenizer and no scheduler settings; see `load_single_file`.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from latentloom.pipelines.defaults import CallDefaults
+from latentloom.pipelines.pipeline import Pipeline
+from latentloom.samplers.schedules import ScheduleConfig
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+SD1_TEXT_PREFIX = "cond_stage_model.transformer."
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+# Stable Diffusion's training schedule: the same for 1.x and 2.x
+SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                   timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
+
+
+def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file. Pickle checkpoints are refused unless `allow_pickle`, and
+    then read with `weights_only=True` (no code in the file can run)."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ValueError(
+                f"{path} is a pickle checkpoint, which can run code when loaded; convert it to .safetensors, "
+                "or pass allow_pickle=True to load it with torch.load(weights_only=True)"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state.get("state_dict", state)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable .safetensors checkpoint: {err}") from err
+
+
+def load_single_file(
+    path: Path,
+    *,
+    tokenizer: str | Path | None = None,
+    prediction_type: str | None = None,
+    allow_pickle: bool = False,
+    unet_config=None,
+) -> Pipeline:
+    """Build a `Pipeline` from one SD checkpoint file.
+
+    tokenizer: a folder with CLIP's tokenizer files (vocab.json + merges.txt, or a diffusers
+    folder's tokenizer/); without it, the Hugging Face cache is tried offline.
+    prediction_type: SD 1.x is "epsilon"; SD 2.x files exist in both kinds (512-base: epsilon,
+    768-v: v_prediction) and the file does not say which, so 2.x defaults to "v_prediction"
+    with a warning unless given.
+    unet_config: a `UNetConfig` for UNets that are not SD-shaped (group norm of 32, SD's head
+    sizes); by default it is inferred from the weights' shapes.
+    """
+    from latentloom.unet import UNet
+
+    state = read_checkpoint(path, allow_pickle=allow_pickle)
+    unet_state = {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    if not unet_state:
+        raise ValueError(f"{path} holds no Stable Diffusion UNet (no '{UNET_PREFIX}*' keys)")
+    unet = UNet.from_ldm_state_dict(unet_state, config=unet_config)
+    sd2 = any(k.startswith(SD2_TEXT_PREFIX) for k in state)
+    vae = _vae_from_state(state, path)
+    text_model = _sd2_text_model(state, path) if sd2 else _sd1_text_model(state, path)
+    encoder = _encoder(text_model, _tokenizer(tokenizer, path, sd2=sd2, vocab_size=text_model.config.vocab_size))
+    if prediction_type is None:
+        prediction_type = "epsilon"
+        if sd2:
+            prediction_type = "v_prediction"
+            warnings.warn(f"{path.name}: an SD 2.x checkpoint does not say its prediction type; using "
+                          "'v_prediction' (768-v). Pass prediction_type='epsilon' for the 512-base model.",
+                          stacklevel=3)
+    schedule = ScheduleConfig(prediction_type=prediction_type, **SD_SCHEDULE)
+    side = (768 if sd2 and prediction_type == "v_prediction" else 512)
+    return Pipeline(unet=unet, vae=vae, text_encoder=encoder, schedule_config=schedule, name=str(path),
+                    use_context_mask=False, defaults=CallDefaults(height=side, width=side), weights_files=[path])
+
+
+def _vae_from_state(state: dict[str, torch.Tensor], path: Path):
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    vae_state = {k: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
+    if not vae_state:
+        raise ValueError(f"{path} holds no VAE ('{VAE_PREFIX}*' keys)")
+    levels = sum(1 for k in vae_state if k.startswith(VAE_PREFIX + "encoder.down.") and k.endswith(".block.0.conv1.weight"))
+    widths = [int(vae_state[f"{VAE_PREFIX}encoder.down.{i}.block.0.conv2.weight"].shape[0]) for i in range(levels)]
+    blocks = sum(1 for k in vae_state if k.startswith(VAE_PREFIX + "encoder.down.0.block.") and k.endswith(".conv1.weight"))
+    groups = 32 if widths[0] % 32 == 0 else _largest_divisor(widths[0])
+    config = dict(
+        in_channels=int(vae_state[VAE_PREFIX + "encoder.conv_in.weight"].shape[1]),
+        out_channels=int(vae_state[VAE_PREFIX + "decoder.conv_out.weight"].shape[0]),
+        down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=widths, layers_per_block=blocks, norm_num_groups=groups,
+        latent_channels=int(vae_state[VAE_PREFIX + "post_quant_conv.weight"].shape[0]), scaling_factor=0.18215,
+    )
+    converted = convert_ldm_vae_checkpoint(vae_state, config)
+    vae = AutoencoderKL(**config)
+    _load_exact(vae, converted, path, "VAE")
+    return vae.eval()
+
+
+def _largest_divisor(width: int) -> int:
+    return max(g for g in (32, 16, 8, 4, 2, 1) if width % g == 0)
+
+
+def _sd1_text_model(state: dict[str, torch.Tensor], path: Path):
+    """CLIP ViT-L/14's text tower (transformers layout already, under a prefix)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text = {k.removeprefix(SD1_TEXT_PREFIX).removeprefix("text_model."): v
+            for k, v in state.items() if k.startswith(SD1_TEXT_PREFIX)}
+    if not text:
+        raise ValueError(f"{path} holds no text encoder ('{SD1_TEXT_PREFIX}*' or '{SD2_TEXT_PREFIX}*' keys)")
+    tokens = text["embeddings.token_embedding.weight"]
+    hidden = int(tokens.shape[1])
+    layers = 1 + max(int(k.split(".")[2]) for k in text if k.startswith("encoder.layers."))
+    config = CLIPTextConfig(
+        vocab_size=int(tokens.shape[0]), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        intermediate_size=int(text["encoder.layers.0.mlp.fc1.weight"].shape[0]),
+        max_position_embeddings=int(text["embeddings.position_embedding.weight"].shape[0]),
+        hidden_act="quick_gelu",
+    )
+    model = CLIPTextModel(config)
+    text.pop("embeddings.position_ids", None)  # a buffer some files carry
+    _load_exact(model, _fit_prefix(text, model), path, "text encoder")
+    return model.eval()
+
+
+def _sd2_text_model(state: dict[str, torch.Tensor], path: Path):
+    """OpenCLIP ViT-H/14's text tower, as diffusers builds it for SD 2.x: the penultimate layer
+    (the last of the 24 is dropped) followed by the final layer norm."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    prefix = SD2_TEXT_PREFIX
+    tokens = state[prefix + "token_embedding.weight"]
+    hidden = int(tokens.shape[1])
+    blocks = 1 + max(int(k.split(".")[4]) for k in state if k.startswith(prefix + "transformer.resblocks."))
+    config = CLIPTextConfig(
+        vocab_size=int(tokens.shape[0]), hidden_size=hidden, num_hidden_layers=blocks - 1,
+        num_attention_heads=max(1, hidden // 64),
+        intermediate_size=int(state[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+        max_position_embeddings=int(state[prefix + "positional_embedding"].shape[0]), hidden_act="gelu",
+    )
+    model = CLIPTextModel(config)
+    last = f"{prefix}transformer.resblocks.{blocks - 1}."
+    kept = {k: v for k, v in state.items() if not k.startswith(last) and k != prefix + "text_projection"}
+    converted = convert_open_clip_checkpoint(model, kept, prefix=prefix)
+    converted = {k.removeprefix("text_model."): v for k, v in converted.items() if k.startswith("text_model.")}
+    _load_exact(model, _fit_prefix(converted, model), path, "text encoder")
+    return model.eval()
+
+
+def _fit_prefix(state: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """transformers 4 names CLIP's text weights `text_model.*`, transformers 5 without the prefix;
+    SD files use the former. Take unprefixed keys and prefix them when the module wants it."""
+    if any(k.startswith("text_model.") for k in module.state_dict()):
+        return {f"text_model.{k}": v for k, v in state.items()}
+    return state
+
+
+def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """load_state_dict that names every missing or unexpected key instead of ignoring them."""
+    expected = set(module.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path}: the {what} weights do not fit: missing {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{path}: the {what} weights do not fit the inferred config: {err}") from err
+
+
+def _tokenizer(tokenizer: str | Path | None, path: Path, *, sd2: bool, vocab_size: int):
+    """The tokenizer must cover the text encoder's vocabulary exactly; transformers can return
+    an empty stand-in offline instead of failing, which this check catches."""
+    from transformers import CLIPTokenizer
+
+    if tokenizer is not None:
+        folder = Path(tokenizer)
+        if (folder / "tokenizer").is_dir():
+            folder = folder / "tokenizer"
+        if not any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):
+            raise FileNotFoundError(f"no CLIP tokenizer in {folder} (expected vocab.json + merges.txt, or tokenizer.json)")
+        found = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        if len(found) != vocab_size:
+            raise ValueError(f"the tokenizer in {folder} has {len(found)} tokens but the checkpoint's text encoder "
+                             f"has {vocab_size}; give the tokenizer that belongs to {path.name}")
+        return found
+    repo = "stabilityai/stable-diffusion-2-1" if sd2 else "openai/clip-vit-large-patch14"
+    kwargs = {"subfolder": "tokenizer"} if sd2 else {}
+    try:
+        found = CLIPTokenizer.from_pretrained(repo, local_files_only=True, **kwargs)
+    except Exception:  # not cached: the message below says what to do
+        found = None
+    if found is None or len(found) != vocab_size:
+        raise FileNotFoundError(
+            f"{path.name} does not contain its tokenizer and {repo!r} is not in the local Hugging Face cache; "
+            "pass tokenizer='folder with vocab.json + merges.txt' (e.g. a diffusers SD folder's tokenizer/)"
+        )
+    return found
+
+
+def _encoder(text_model, tokenizer):
+    from latentloom.text_encoders import CLIPEncoder
+
+    return CLIPEncoder(text_model, tokenizer)
