@@ -132,7 +132,7 @@ def feathered(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return soft * mask
 
 
-def paste_back(generated: np.ndarray, original: np.ndarray, soft: np.ndarray) -> np.ndarray:
+def paste_onto(generated: np.ndarray, original: np.ndarray, soft: np.ndarray) -> np.ndarray:
     """Blend (B, H, W, 3) images in [0, 1]: the original where soft == 0 (bit for bit), the generated
     image where soft == 1, a linear mix between."""
     mixed = original * (1.0 - soft) + generated * soft

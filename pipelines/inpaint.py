@@ -1,0 +1,146 @@
+"""Inpainting: repaint the white part of a mask, keep the rest.
+
+Two ways, chosen by the UNet's input channels:
+- 9 (SD-inpainting): the mask and the masked image's latents are concatenated to the latents
+  (Rombach et al. 2022, as diffusers' `StableDiffusionInpaintPipeline`);
+- 4 (any model): `InpaintBlend` re-noises the known region to the current sigma before each
+  model call and puts it back into the denoised estimate, so every sampler keeps it.
+Then the result is pasted back onto the original through a feathered mask (see `masks`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from latentloom.pipelines.common import (
+    call_recipes, call_sigmas, check_int, check_unet_channels, guided_denoiser, latents_to_output, parse_call,
+    run_sampler,
+)
+from latentloom.pipelines.image_input import (
+    check_image_size, encode_for_batch, expand_to_batch, images_to_tensor, per_prompt_images, record_hashes,
+    to_model_range,
+)
+from latentloom.pipelines.img2img import check_strength
+from latentloom.pipelines.masks import (
+    binarize, check_mask_size, dilated_latent_mask, feathered, mask_to_tensor, nearest_latent_mask, paste_onto,
+)
+from latentloom.pipelines.output import PipelineOutput
+from latentloom.pipelines.vae import decode_latents, images_to_numpy, numpy_to_pil
+from latentloom.samplers.denoiser import append_dims, sigma_batch
+from latentloom.samplers.noise import add_noise, final_latents, initial_latents, randn, sigmas_for_strength
+
+
+class InpaintBlend:
+    """A denoiser that keeps the known region (mask 0) of `x0` (Lugmayr et al. 2022, RePaint, without
+    resampling): before the model call the known region of x is replaced by x0 noised to the current
+    sigma with the run's own noise; after it, the denoised known region is x0 itself.
+
+    x0, noise: (B, C, h, w); mask: (B, 1, h, w), 1 = repaint. Works with every sampler.
+    """
+
+    def __init__(self, denoiser: Callable, *, x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor):
+        if x0.shape != noise.shape or mask.shape[0] != x0.shape[0] or mask.shape[2:] != x0.shape[2:]:
+            raise ValueError(f"x0 {tuple(x0.shape)}, noise {tuple(noise.shape)} and mask {tuple(mask.shape)} "
+                             "must share batch and spatial size")
+        self.denoiser = denoiser
+        self.x0, self.noise, self.mask = x0, noise, mask
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        sigma_b = append_dims(sigma_batch(sigma, x), x.ndim)  # (B, 1, 1, 1)
+        known = self.x0 + sigma_b * self.noise
+        x = torch.lerp(known, x, self.mask)
+        denoised = self.denoiser(x, sigma)
+        return torch.lerp(self.x0, denoised, self.mask)
+
+
+@torch.no_grad()
+def inpaint(
+    pipe,
+    prompt: str | list[str],
+    *,
+    image: Any,
+    mask_image: Any,
+    strength: float = 1.0,
+    paste_back: bool = True,
+    feather: int | None = None,
+    negative_prompt: str | list[str] | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    sampler: str | None = None,
+    karras_sigmas: bool | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    seed: int | None = None,
+    num_images_per_prompt: int = 1,
+    output_type: str = "pil",
+    callback: Callable | None = None,
+    progress: bool = True,
+) -> PipelineOutput:
+    """Repaint the white part of `mask_image` in `image` following `prompt`.
+
+    image / mask_image: one for every prompt, or one per prompt; the mask must have the image's
+    size (accepted forms: `masks`), binarized at 0.5. strength: 1 starts from pure noise; below
+    1 from the image noised to that level (as img2img). paste_back (default True): the
+    output is the original image outside the mask, bit for bit, blended into the generated
+    image over `feather` pixels inside the mask's edge (default: the VAE factor, 8 for SD);
+    False returns the decoded image as is (what diffusers returns). output_type="latent"
+    returns latents without paste-back. Other arguments as `text_to_image`.
+    """
+    call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
+                      karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
+                      output_type=output_type, seed=seed, generator=generator)
+    strength = check_strength(strength)
+    c = pipe.latent_channels
+    channels = check_unet_channels(pipe, expected=(c, 2 * c + 1), task="inpaint")
+    f = pipe.vae_scale_factor
+    radius = f if feather is None else check_int(feather, "feather", low=0, high=256)
+    pixels = per_prompt_images(images_to_tensor(image), len(call.prompts))  # (n, 3, H, W) in [0, 1]
+    mask = per_prompt_images(mask_to_tensor(mask_image), len(call.prompts), name="mask_image")  # (m, 1, H, W)
+    check_mask_size(mask, pixels)
+    height, width = check_image_size(pipe, pixels)
+    sigmas = sigmas_for_strength(call_sigmas(pipe, call), strength, sampler=call.sampler)
+
+    device, batch, gen = pipe.device, call.batch, call.generator
+    mask = binarize(mask).to(device)
+    init = to_model_range(pixels).to(device)  # (n, 3, H, W) in [-1, 1]
+    x0 = None
+    if channels == c:  # any model: blend the known region in at every step
+        x0 = encode_for_batch(pipe.vae, init, batch=batch, generator=gen)  # (B, C, h, w)
+        noise = randn(x0.shape, generator=gen, device=device, dtype=torch.float32)
+        latent_mask = expand_to_batch(dilated_latent_mask(mask, f), batch)  # (B, 1, h, w)
+        denoiser = InpaintBlend(guided_denoiser(pipe, call), x0=x0, noise=noise, mask=latent_mask)
+    else:  # SD-inpainting UNet; generator draws in diffusers' order: [image latents], noise, masked image
+        if strength < 1.0:
+            x0 = encode_for_batch(pipe.vae, init, batch=batch, generator=gen)
+        noise = randn((batch, c, height // f, width // f), generator=gen, device=device, dtype=torch.float32)
+        masked_latents = encode_for_batch(pipe.vae, init * (mask < 0.5), batch=batch, generator=gen)
+        latent_mask = expand_to_batch(nearest_latent_mask(mask, f), batch)
+        denoiser = guided_denoiser(pipe, call, extra={"concat": torch.cat([latent_mask, masked_latents], dim=1)})
+
+    cfg = pipe.schedule_config
+    if strength == 1.0:  # pure noise, as diffusers (not x0 + sigma_max * noise)
+        x = initial_latents(noise, sigmas, sampler=call.sampler, timestep_spacing=cfg.timestep_spacing)
+    else:
+        x = add_noise(x0, noise, sigmas[0])
+    x = run_sampler(call.sampler, denoiser, x, sigmas.to(device), generator=gen, callback=callback,
+                    progress=progress)
+    latents = final_latents(x, sigmas)
+    if channels == c:
+        latents = torch.lerp(x0, latents, latent_mask)
+
+    if paste_back and call.output_type != "latent":
+        generated = images_to_numpy(decode_latents(pipe.vae, latents))  # (B, H, W, 3)
+        original = expand_to_batch(pixels, batch).permute(0, 2, 3, 1).numpy()
+        soft = expand_to_batch(feathered(mask, radius), batch).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 1)
+        array = paste_onto(generated, original, soft)
+        images = array if call.output_type == "np" else numpy_to_pil(array)
+    else:
+        images = latents_to_output(pipe, latents, call.output_type)
+    recipes = call_recipes(pipe, call, height=height, width=width, task="inpaint", strength=strength,
+                           paste_back=bool(paste_back), feather=radius,
+                           inpaint_mode="concat" if channels != c else "blend")
+    record_hashes(recipes, pixels, "image_hash")
+    record_hashes(recipes, mask.cpu().expand(-1, 3, -1, -1), "mask_hash")
+    return PipelineOutput(images=images, recipes=recipes)
