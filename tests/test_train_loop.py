@@ -50,11 +50,12 @@ def weights(folder):
 
 
 def test_resume_equals_uninterrupted(data, unet_config, tmp_path):
-    straight = run(data, unet_config, tmp_path / "a", steps=5, prediction_type="v_prediction")
-    stopped = run(data, unet_config, tmp_path / "b", steps=5, prediction_type="v_prediction",
-                  stop_after=2)
+    # EMA, caption dropout, min-SNR, noise offset, random flips, v targets, 2 micro-batches a step
+    common = dict(steps=5, prediction_type="v_prediction", batch_size=2, grad_accum=2)
+    straight = run(data, unet_config, tmp_path / "a", **common)
+    stopped = run(data, unet_config, tmp_path / "b", stop_after=2, **common)
     assert sorted(p.name for p in (stopped / "checkpoints" / "unet").iterdir()) == ["checkpoint-2"]
-    resumed = run(data, unet_config, tmp_path / "b", steps=5, prediction_type="v_prediction", resume="latest")
+    resumed = run(data, unet_config, tmp_path / "b", resume="latest", **common)
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys()
     for k in a:
@@ -105,6 +106,13 @@ def test_fine_tune_from_exported_folder(data, unet_config, tmp_path):
     assert sched["prediction_type"] == "v_prediction"  # the model's own objective is kept
     assert UNet.from_pretrained(tuned / "unet").config == UNet.from_pretrained(base / "unet").config
     assert not torch.equal(weights(base)["conv_in.weight"], weights(tuned)["conv_in.weight"])
+
+
+def test_bf16_autocast_with_gradient_checkpointing(data, unet_config, tmp_path):
+    out = run(data, unet_config, tmp_path / "bf16", steps=2, mixed_precision="bf16", gradient_checkpointing=True,
+              num_workers=1)
+    w = weights(out)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values())  # fp32 master weights
 
 
 def test_caption_dropout():

@@ -44,6 +44,12 @@ def _make_accelerator(cfg: TrainConfig):
     # Several processes without CUDA (torchrun / `accelerate launch --multi_gpu` on a CPU box):
     # accelerate sets up its gloo MULTI_CPU mode only when told cpu=True.
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not several:
+        # accelerate keeps one process-wide state and refuses a second Accelerator with another
+        # mixed precision; a library user may call train() again (e.g. bf16 after fp32).
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available())
 
 

@@ -124,6 +124,9 @@ def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(str(vae_source)).to(device).eval().requires_grad_(False)
+    if vae is None and not upscaler and is_main:
+        print(f"latentloom train: no VAE (pass vae=<folder> or train one into {cfg.output}/vae first): "
+              "the UNet learns in pixel space, and load_pipeline needs a vae/ to load the result")
     if unet is None:
         image_channels = vae.config.latent_channels if vae is not None else 3
         config = _unet_config(
