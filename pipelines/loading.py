@@ -115,11 +115,20 @@ def load_diffusers_folder(folder: Path, index: dict[str, Any]) -> Pipeline:
     schedule = ScheduleConfig.from_diffusers_config(_read_json(scheduler_file))
     unet_config = _read_json(folder / "unet" / "config.json")
     side = int(unet_config.get("sample_size", 64)) * 2 ** (len(vae.config.block_out_channels) - 1)
-    return Pipeline(
+    pipe = Pipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, schedule_config=schedule, name=str(folder),
         use_context_mask=False, defaults=CallDefaults(height=side, width=side),
         weights_files=sorted((folder / "unet").glob("*.safetensors"))[:1],
     )
+    if (folder / "low_res_scheduler").is_dir():  # an SD-x4-upscaler folder: what pipe.upscale needs
+        from latentloom.samplers.schedules import DiscreteSchedule
+
+        low_res = _read_json(folder / "low_res_scheduler" / "scheduler_config.json")
+        with warnings.catch_warnings():  # only its betas are used (add_noise), so its step settings do not matter
+            warnings.simplefilter("ignore", UserWarning)
+            pipe.low_res_schedule = DiscreteSchedule.from_config(ScheduleConfig.from_diffusers_config(low_res))
+        pipe.max_noise_level = int(index.get("max_noise_level", 350))
+    return pipe
 
 
 def load_latentloom_folder(folder: Path, *, name: str) -> Pipeline:

@@ -144,3 +144,22 @@ def to_single_file(pipe, path: Path) -> Path:
     state.update({f"cond_stage_model.transformer.text_model.{k}": v for k, v in text.items()})
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+def tiny_upscale_pipeline(seed: int = 0, *, scheduler: str = "ddim", prediction_type: str = "v_prediction"):
+    """A diffusers StableDiffusionUpscalePipeline from tiny parts: a 7-channel UNet (4 latents + the
+    3-channel low-res image) with a noise-level class embedding, the tiny VAE (factor 2, so x2),
+    and the x4 upscaler's low-res DDPM schedule (linear betas 1e-4 .. 2e-2)."""
+    import diffusers
+
+    cls_name, extra = DIFFUSERS_SCHEDULERS[scheduler]
+    sched = getattr(diffusers, cls_name)(**SD_SCHEDULER, prediction_type=prediction_type, **extra)
+    low_res = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                                      beta_schedule="linear")
+    vae = tiny_vae(seed)
+    vae.register_to_config(scaling_factor=0.08333)  # what the upscale pipeline insists on
+    return diffusers.StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=clip_text_model(seed), tokenizer=clip_tokenizer(),
+        unet=tiny_diffusers_unet(seed, in_channels=7, num_class_embeds=1000), low_res_scheduler=low_res,
+        scheduler=sched, safety_checker=None, feature_extractor=None, watermarker=None, max_noise_level=350,
+    )
