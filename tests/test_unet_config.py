@@ -85,6 +85,10 @@ def test_exactly_one_of_heads_and_head_dim():
     with pytest.raises(ValueError, match="exactly one of num_heads / head_dim"):
         UNetConfig.tiny(num_heads=None)
     assert UNetConfig.tiny(num_heads=None, head_dim=8).heads_at(1) == 4
+    with pytest.raises(ValueError, match=r"channels\[0\]=16 is not divisible by the attention split"):
+        UNetConfig.tiny(num_heads=None, head_dim=32)
+    with pytest.raises(TypeError, match="norm_groups must be an int"):
+        UNetConfig.tiny(norm_groups="8")
 
 
 def test_from_diffusers_config_sd15_sd21_x4():

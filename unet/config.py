@@ -62,17 +62,17 @@ class UNetConfig:
             self.num_heads = _per_level("num_heads", self.num_heads, levels, int)
         else:
             self.head_dim = _per_level("head_dim", self.head_dim, levels, int)
+        _check_int("context_dim", self.context_dim, minimum=1)
+        _check_int("norm_groups", self.norm_groups, minimum=1)
         for i, c in enumerate(self.channels):
-            heads = self.heads_at(i)
-            if c % heads != 0:
+            split = self.num_heads[i] if self.num_heads is not None else self.head_dim[i]
+            if c % split != 0:
                 raise ValueError(
                     f"channels[{i}]={c} is not divisible by the attention split "
                     f"(num_heads={self.num_heads!r}, head_dim={self.head_dim!r})"
                 )
             if c % self.norm_groups != 0:
                 raise ValueError(f"channels[{i}]={c} is not divisible by norm_groups={self.norm_groups}")
-        _check_int("context_dim", self.context_dim, minimum=1)
-        _check_int("norm_groups", self.norm_groups, minimum=1)
         _check_int("freq_shift", self.freq_shift, minimum=0)
         for name in ("use_linear_projection", "upcast_attention", "flip_sin_to_cos"):
             if not isinstance(getattr(self, name), bool):
