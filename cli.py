@@ -18,6 +18,9 @@ from latentloom import __version__
 # argparse subparsers object, adds one parser and sets `func` (args -> exit code).
 _SUBCOMMANDS: list[str] = [
     "latentloom.pipelines.cli_generate:register",
+    "latentloom.pipelines.cli_edit:register_img2img",
+    "latentloom.pipelines.cli_edit:register_inpaint",
+    "latentloom.pipelines.cli_edit:register_upscale",
     "latentloom.training.cli_data:register",
     "latentloom.training.cli_train:register",
 ]
