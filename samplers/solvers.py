@@ -115,8 +115,11 @@ def sample_ddpm(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, gen
         # posterior mean x0 + (s'^2 / s^2)(x - x0), variance s'^2 (s^2 - s'^2) / s^2
         ratio = sigma_next**2 / sigma**2
         x = denoised + ratio * (x - denoised)
+        # drawn on the last step too, where its variance is 0, so the generator ends in the state
+        # diffusers leaves it in (it draws whenever t > 0, true for leading / trailing spacing)
+        noise = _noise_like(x, generator)
         if sigma_next > 0:
-            x = x + (sigma_next**2 * (1 - ratio)) ** 0.5 * _noise_like(x, generator)
+            x = x + (sigma_next**2 * (1 - ratio)) ** 0.5 * noise
     return x.to(dtype)
 
 

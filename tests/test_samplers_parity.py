@@ -211,3 +211,22 @@ def parity_summary():
 
 if __name__ == "__main__":  # HF_HUB_OFFLINE=1 .venv/bin/python tests/test_samplers_parity.py
     parity_summary()
+
+
+@pytest.mark.parametrize("sampler", STOCHASTIC)
+def test_generators_end_in_diffusers_state(sampler):
+    # a generator shared with later work must be left where diffusers leaves it
+    cfg = diffusers_config(sampler, "epsilon", False, "leading")
+    ref = SCHEDULERS[sampler](**cfg)
+    ref.set_timesteps(6)
+    g_ref = torch.Generator().manual_seed(9)
+    lat = randn((1, 4, 8, 8), generator=g_ref) * ref.init_noise_sigma
+    model = ToyModel()
+    for t in ref.timesteps:
+        lat = ref.step(model(ref.scale_model_input(lat, t), t), t, lat, generator=g_ref).prev_sample
+    schedule = DiscreteSchedule.from_config(ScheduleConfig.from_diffusers_config(cfg))
+    sigmas = make_sigmas(schedule, 6, sampler=sampler)
+    g = torch.Generator().manual_seed(9)
+    x = initial_latents(randn((1, 4, 8, 8), generator=g), sigmas, sampler=sampler)
+    SAMPLERS[sampler](Denoiser(ToyModel(), schedule, prediction_type="epsilon"), x, sigmas, generator=g)
+    assert torch.equal(g.get_state(), g_ref.get_state())
