@@ -135,3 +135,13 @@ def test_config_errors_reach_the_user(data, tmp_path):
     UNetConfig(**{**TINY, "in_channels": 4}).save_json(wrong_in)
     with pytest.raises(ValueError, match="in_channels=4"):
         run(data, str(wrong_in), tmp_path / "o", steps=1)
+
+
+def test_progress_log_and_nan_guard(data, unet_config, tmp_path):
+    out = run(data, unet_config, tmp_path / "log", steps=3, log_every=2, checkpoint_every=10)
+    lines = [json.loads(x) for x in (out / "checkpoints" / "unet-log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 3]
+    assert all(x["images_per_s"] > 0 and x["loss"] > 0 for x in lines)
+    with pytest.raises(FloatingPointError, match="loss became (nan|inf) at step 1"):
+        run(data, unet_config, tmp_path / "nan", steps=2, noise_offset=float("inf"))
+    assert not (tmp_path / "nan" / "checkpoints" / "unet").exists()  # nothing was saved from a broken step

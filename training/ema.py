@@ -36,9 +36,10 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         decay = ema_decay_at(self.step, max_decay=self.max_decay)
         params = dict(model.named_parameters())
-        for name, shadow in self.shadow.items():
-            # shadow <- decay * shadow + (1 - decay) * param
-            shadow.lerp_(params[name].detach().float(), 1.0 - decay)
+        shadows = list(self.shadow.values())
+        current = [params[name].detach().float() for name in self.shadow]
+        # shadow <- decay * shadow + (1 - decay) * param, all tensors in one fused call
+        torch._foreach_lerp_(shadows, current, 1.0 - decay)
         self.step += 1
 
     @torch.no_grad()

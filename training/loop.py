@@ -116,6 +116,7 @@ def train(cfg: TrainConfig, *, task: Any = None) -> Path:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", unit="step", dynamic_ncols=True)
+    log_file = cfg.checkpoint_dir / f"{cfg.model}-log.jsonl"  # one JSON line per log_every steps
     stop_at = cfg.steps if cfg.stop_after is None else min(cfg.steps, step + cfg.stop_after)
     ddp_model.train()
     t_start, steps_timed, loss_avg = time.perf_counter(), 0, float("nan")
@@ -130,6 +131,10 @@ def train(cfg: TrainConfig, *, task: Any = None) -> Path:
                     loss = task.loss(ddp_model, batch, generators=generators)
                 accelerator.backward(loss / cfg.grad_accum)
             loss_sum += loss.detach().float().item()
+        if not math.isfinite(loss_sum):  # before the step: the last checkpoint and the weights stay good
+            raise FloatingPointError(
+                f"the loss became {loss_sum} at step {step + 1}; lower --lr or use --mixed-precision no"
+            )
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -141,14 +146,18 @@ def train(cfg: TrainConfig, *, task: Any = None) -> Path:
         if ema is not None:
             ema.update(model)
         loss_avg = loss_sum / cfg.grad_accum if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss_sum / cfg.grad_accum
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"the loss became {loss_sum} at step {step}; lower --lr or use --mixed-precision no")
-        if progress is not None:
+        if accelerator.is_main_process and (step % cfg.log_every == 0 or step == stop_at):
             elapsed = time.perf_counter() - t_start
             images_per_s = steps_timed * global_batch * cfg.grad_accum / max(elapsed, 1e-9)
+            record = {"step": step, "loss": loss_sum / cfg.grad_accum, "loss_ema": loss_avg,
+                      "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_s}
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if progress is not None:
+                progress.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.1f}")
+        if progress is not None:
             progress.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                progress.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}", img_s=f"{images_per_s:.1f}")
         if step % cfg.checkpoint_every == 0 or step == stop_at:
             save_checkpoint(
                 ckpt_root,
