@@ -122,27 +122,35 @@ def test_image_text_model_trains_and_round_trips(data, tmp_path):
         ImageTextConfig.from_dict({"width": 3})
 
 
-def test_upscaler_stage(data, tmp_path):
+def test_upscaler_stage(vae_out, data, tmp_path):
+    # the VAE halves the side (block_out_channels [8, 16]): 16 px low-res beside 16 x 16 latents of a 32 px image
     cfg = tmp_path / "up.json"
-    UNetConfig(**UNET, in_channels=6, out_channels=3, num_class_embeds=101).save_json(cfg)
-    out = train(TrainConfig(model="upscaler", data=str(data), output=str(tmp_path / "m"), model_config=str(cfg),
-                            resolution=32, low_resolution=16, max_noise_level=100, batch_size=2, steps=2,
-                            progress=False))
-    index = json.loads((out / "upscaler" / "model_index.json").read_text())
-    assert index["kind"] == "upscaler" and index["low_resolution"] == 16 and index["space"] == "pixel"
-    assert (out / "upscaler" / "scheduler" / "scheduler_config.json").is_file()
-    unet = UNet.from_pretrained(out / "upscaler" / "unet")
+    UNetConfig(**UNET, in_channels=4 + 3, out_channels=4, num_class_embeds=101).save_json(cfg)
+    common = dict(model="upscaler", data=str(data), model_config=str(cfg), vae=str(vae_out), low_resolution=16,
+                  max_noise_level=100, batch_size=2, steps=2, progress=False)
+    out = train(TrainConfig(output=str(tmp_path / "m"), resolution=32, **common))
+    up = out / "upscaler"
+    index = json.loads((up / "model_index.json").read_text())
+    assert index["kind"] == "upscaler" and index["low_resolution"] == 16 and index["max_noise_level"] == 100
+    low_res = json.loads((up / "low_res_scheduler" / "scheduler_config.json").read_text())
+    assert low_res["beta_schedule"] == "linear" and low_res["beta_end"] == 0.02
+    assert (up / "scheduler" / "scheduler_config.json").is_file() and (up / "vae" / "config.json").is_file()
+    unet = UNet.from_pretrained(up / "unet")
     hi = torch.rand(1, 3, 32, 32) * 2 - 1
-    cond = upscaler_condition(degrade(hi, low_resolution=16), noise_level=torch.tensor([0]), size=(32, 32))
-    assert cond.shape == (1, 3, 32, 32)
-    pred = unet(torch.cat([torch.randn(1, 3, 32, 32), cond], 1), torch.tensor([5]), torch.randn(1, 2, 384),
+    cond = upscaler_condition(degrade(hi, low_resolution=16), noise_level=torch.tensor([0]), size=(16, 16))
+    # level 0 adds noise of std 0.01 (sqrt(beta_0)); same size: no resize
+    assert (cond - degrade(hi, low_resolution=16)).abs().max() < 0.06
+    pred = unet(torch.cat([torch.randn(1, 4, 16, 16), cond], 1), torch.tensor([5]), torch.randn(1, 2, 384),
                 class_labels=torch.tensor([20]))
-    assert pred.shape == (1, 3, 32, 32)
+    assert pred.shape == (1, 4, 16, 16)
+    with pytest.raises(ValueError, match="resolution must be low_resolution x 2 = 32"):
+        train(TrainConfig(output=str(tmp_path / "n"), resolution=64, **common))
+    with pytest.raises(ValueError, match="the upscaler learns VAE latents"):
+        train(TrainConfig(output=str(tmp_path / "n"), resolution=32, **{**common, "vae": None}))
     small = tmp_path / "small.json"
-    UNetConfig(**UNET, in_channels=6, out_channels=3, num_class_embeds=10).save_json(small)
+    UNetConfig(**UNET, in_channels=7, out_channels=4, num_class_embeds=10).save_json(small)
     with pytest.raises(ValueError, match="max_noise_level=100"):
-        train(TrainConfig(model="upscaler", data=str(data), output=str(tmp_path / "n"), model_config=str(small),
-                          resolution=32, low_resolution=16, max_noise_level=100, steps=1, progress=False))
+        train(TrainConfig(output=str(tmp_path / "n"), resolution=32, **{**common, "model_config": str(small)}))
 
 
 def test_cli(data, tmp_path, capsys):

@@ -185,23 +185,26 @@ class UNetTask:
         )
 
     def _export_upscaler(self, model: nn.Module, output: Path) -> None:
+        """OUT/upscaler/: unet/, vae/, scheduler/, low_res_scheduler/ and model_index.json,
+        the layout pipelines.upscale reads (as a diffusers SD x4 upscaler folder has)."""
+        import shutil
+
         cfg = self.cfg
 
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp / "unet")
             write_json_atomic(tmp / "scheduler" / "scheduler_config.json", self.schedule())
+            low_res = {"_class_name": "DDPMScheduler", **LOW_RES_NOISE, "prediction_type": "epsilon",
+                       "clip_sample": False}
+            write_json_atomic(tmp / "low_res_scheduler" / "scheduler_config.json", low_res)
             if self.vae_source is not None:
-                import shutil
-
                 shutil.copytree(self.vae_source, tmp / "vae")
             write_json_atomic(tmp / "model_index.json", {
                 "format": "latentloom", "version": 1, "kind": "upscaler",
                 "text_encoder": {"kind": cfg.text_encoder},
                 "resolution": cfg.resolution, "low_resolution": cfg.low_resolution,
                 "space": "latent" if self.vae is not None else "pixel",
-                "max_noise_level": cfg.max_noise_level, "low_res_noise": LOW_RES_NOISE,
-                # How the condition is made: see training.task_unet.upscaler_condition.
-                "condition": "area-downsampled image, noised at noise_level, bilinear-resized, concatenated after x",
+                "max_noise_level": cfg.max_noise_level,
             })
 
         write_component(output, "upscaler", write)

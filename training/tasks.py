@@ -5,6 +5,7 @@ when absent). Fine-tuning: ``cfg.pretrained`` (a latentloom model folder).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -47,7 +48,13 @@ def _unet_config(cfg: TrainConfig, *, in_channels: int, out_channels: int, conte
     from latentloom.unet import UNetConfig
 
     if cfg.model_config is not None:
-        config = UNetConfig.load_json(cfg.model_config)
+        # A hand-written config may name only what differs from UNetConfig's defaults.
+        values = _read_json(cfg.model_config)
+        known = {f.name for f in dataclasses.fields(UNetConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{cfg.model_config}: unknown UNetConfig fields {unknown}; known: {sorted(known)}")
+        config = UNetConfig(**values)
     else:
         extra = {"num_class_embeds": cfg.max_noise_level + 1} if upscaler else {}
         config = UNetConfig.tiny(in_channels=in_channels, out_channels=out_channels, context_dim=context_dim, **extra)
@@ -118,12 +125,23 @@ def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
         unet = None
     if cfg.vae is not None:
         vae_source = find_vae_folder(cfg.vae)
-    elif vae_source is None and not upscaler and (Path(cfg.output) / "vae").is_dir():
+    elif vae_source is None and (Path(cfg.output) / "vae").is_dir():
         vae_source = find_vae_folder(Path(cfg.output) / "vae")  # a VAE trained into the same OUT
     if vae_source is not None:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(str(vae_source)).to(device).eval().requires_grad_(False)
+    if upscaler:
+        # SD-x4-upscaler style, as pipelines.upscale samples it: the low-res image sits beside
+        # latents of the same size, so the VAE's factor is the upscaling factor.
+        if vae is None:
+            raise ValueError(f"the upscaler learns VAE latents: pass vae=<folder> (or train {cfg.output}/vae first)")
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if cfg.low_resolution * factor != cfg.resolution:
+            raise ValueError(
+                f"the upscaler's VAE downsamples by {factor}, so resolution must be low_resolution x {factor} = "
+                f"{cfg.low_resolution * factor}, got resolution={cfg.resolution}, low_resolution={cfg.low_resolution}"
+            )
     if vae is None and not upscaler and is_main:
         print(f"latentloom train: no VAE (pass vae=<folder> or train one into {cfg.output}/vae first): "
               "the UNet learns in pixel space, and load_pipeline needs a vae/ to load the result")
