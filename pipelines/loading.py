@@ -112,7 +112,7 @@ def load_diffusers_folder(folder: Path, index: dict[str, Any]) -> Pipeline:
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
         raise FileNotFoundError(f"{folder} is missing scheduler/scheduler_config.json")
-    schedule = ScheduleConfig.from_diffusers_config(_read_json(scheduler_file))
+    schedule = _read_schedule(scheduler_file)
     unet_config = _read_json(folder / "unet" / "config.json")
     side = int(unet_config.get("sample_size", 64)) * 2 ** (len(vae.config.block_out_channels) - 1)
     pipe = Pipeline(
@@ -142,7 +142,7 @@ def load_latentloom_folder(folder: Path, *, name: str) -> Pipeline:
     unet = UNet.from_pretrained(folder / "unet")
     vae = _load_vae(folder / "vae")
     text_encoder = _text_encoder_from_index(folder, index.get("text_encoder") or {})
-    schedule = ScheduleConfig.from_diffusers_config(_read_json(folder / "scheduler" / "scheduler_config.json"))
+    schedule = _read_schedule(folder / "scheduler" / "scheduler_config.json")
     call = index.get("defaults") or {}
     resolution = int(index.get("resolution", 64))
     defaults = CallDefaults(
@@ -176,11 +176,40 @@ def _text_encoder_from_index(folder: Path, spec: dict[str, Any]):
 def _load_vae(folder: Path):
     from diffusers import AutoencoderKL
 
-    if not any(folder.glob("*.safetensors")):
+    from latentloom.weight_files import check_safetensors
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
         raise FileNotFoundError(f"no VAE weights (*.safetensors) in {folder}; pickle weights are not loaded")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
+    for path in files:
+        check_safetensors(path)
+    _read_json(folder / "config.json")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            # low_cpu_mem_usage=False: a missing weight is reported instead of left on the meta device
+            vae, info = AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                      low_cpu_mem_usage=False, output_loading_info=True)
+    except (OSError, RuntimeError, TypeError, ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"{folder}: the VAE could not be built from its config and weights: {err}") from err
+    wrong = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if wrong:
+        raise ValueError(f"{folder}: the VAE weights do not fit its config.json: {wrong}")
+    return vae.eval()
+
+
+def _read_schedule(path: Path) -> ScheduleConfig:
+    """scheduler_config.json -> ScheduleConfig, checked by building the schedule once."""
+    from latentloom.samplers.schedules import DiscreteSchedule
+
+    try:
+        config = ScheduleConfig.from_diffusers_config(_read_json(path))
+        DiscreteSchedule.from_config(config)
+    except (TypeError, ValueError, RuntimeError) as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: {err}") from err
+    return config
 
 
 def _download(repo_id: str) -> Path:

@@ -30,21 +30,27 @@ SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0
 def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file. Pickle checkpoints are refused unless `allow_pickle`, and
     then read with `weights_only=True` (no code in the file can run)."""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise ValueError(
-                f"{path} is a pickle checkpoint, which can run code when loaded; convert it to .safetensors, "
-                "or pass allow_pickle=True to load it with torch.load(weights_only=True)"
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return state.get("state_dict", state)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from latentloom.weight_files import load_safetensors
 
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        return load_safetensors(path)
+    if not allow_pickle:
+        raise ValueError(
+            f"{path} is a pickle checkpoint, which can run code when loaded; convert it to .safetensors, "
+            "or pass allow_pickle=True to load it with torch.load(weights_only=True)"
+        )
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable .safetensors checkpoint: {err}") from err
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError (a refused object), EOFError, RuntimeError (not a torch file)
+        raise ValueError(f"{path} could not be read with torch.load(weights_only=True): {err}") from err
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{path} holds {type(state).__name__}, not a state dict of tensors")
+    odd = sorted(str(k) for k, v in state.items() if not (isinstance(k, str) and torch.is_tensor(v)))
+    if odd:
+        raise ValueError(f"{path}: these entries are not named tensors: {odd[:8]}{' ...' if len(odd) > 8 else ''}")
+    return state
 
 
 def load_single_file(
@@ -65,9 +71,19 @@ def load_single_file(
     unet_config: a `UNetConfig` for UNets that are not SD-shaped (group norm of 32, SD's head
     sizes); by default it is inferred from the weights' shapes.
     """
+    state = read_checkpoint(path, allow_pickle=allow_pickle)
+    try:
+        return _build(path, state, tokenizer=tokenizer, prediction_type=prediction_type, unet_config=unet_config)
+    except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as err:
+        if str(path) in str(err) or path.name in str(err):
+            raise
+        # a key the layout needs is absent, or a tensor has a shape no config fits
+        raise ValueError(f"{path} is not a usable Stable Diffusion checkpoint: {type(err).__name__}: {err}") from err
+
+
+def _build(path: Path, state: dict[str, torch.Tensor], *, tokenizer, prediction_type, unet_config) -> Pipeline:
     from latentloom.unet import UNet
 
-    state = read_checkpoint(path, allow_pickle=allow_pickle)
     unet_state = {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
     if not unet_state:
         raise ValueError(f"{path} holds no Stable Diffusion UNet (no '{UNET_PREFIX}*' keys)")
@@ -82,7 +98,7 @@ def load_single_file(
             prediction_type = "v_prediction"
             warnings.warn(f"{path.name}: an SD 2.x checkpoint does not say its prediction type; using "
                           "'v_prediction' (768-v). Pass prediction_type='epsilon' for the 512-base model.",
-                          stacklevel=3)
+                          stacklevel=4)
     schedule = ScheduleConfig(prediction_type=prediction_type, **SD_SCHEDULE)
     side = (768 if sd2 and prediction_type == "v_prediction" else 512)
     return Pipeline(unet=unet, vae=vae, text_encoder=encoder, schedule_config=schedule, name=str(path),

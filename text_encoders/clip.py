@@ -148,13 +148,32 @@ class CLIPEncoder(FrozenTextEncoder):
                     f"{str(model_dir)!r} has only pickle weights {pickles}; convert them to safetensors, "
                     "or pass allow_pickle=True to load them with weights_only=True"
                 )
-        config = json.loads((model_dir / "config.json").read_text())
+        from latentloom.weight_files import check_safetensors
+
+        for path in sorted(model_dir.glob("*.safetensors")):
+            check_safetensors(path)
+        config_path = model_dir / "config.json"
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
         with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or [])
         model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
         load_kwargs = {"local_files_only": True, "use_safetensors": has_safetensors}
         if dtype is not None:
             load_kwargs["dtype"] = dtype
-        model = model_class.from_pretrained(str(model_dir), **load_kwargs)
+        try:
+            model, info = model_class.from_pretrained(str(model_dir), output_loading_info=True, **load_kwargs)
+        except (OSError, RuntimeError, TypeError, ValueError, KeyError, AttributeError) as err:
+            raise ValueError(f"{model_dir}: the CLIP text model could not be built from its config and "
+                             f"weights: {err}") from err
+        # transformers fills missing weights with random values and skips unknown ones: refuse both
+        wrong = {k: sorted(v)[:8] for k, v in info.items()
+                 if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if wrong:
+            raise ValueError(f"{model_dir}: the text encoder weights do not fit its config.json: {wrong}")
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         return cls(
             model,

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -50,6 +50,16 @@ def resolve_resume(resume: str, *, root: str | os.PathLike) -> Path | None:
     if not (path / "state.json").is_file():
         raise ValueError(f"resume={resume!r} is not a checkpoint folder (no state.json); pass one, or 'latest'")
     return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -190,19 +200,21 @@ def load_checkpoint(
     wrapping). The RNG file of this rank must exist: resuming with a different number of
     processes than the checkpoint was written with is refused.
     """
+    from latentloom.weight_files import load_safetensors
+
     folder = Path(folder)
-    state = json.loads((folder / "state.json").read_text())
+    state = _read_json(folder / "state.json")
     rng_file = folder / f"rng-{rank}.safetensors"
     if not rng_file.is_file():
         raise ValueError(
             f"{folder} has no RNG state for process {rank}: it was written by "
             f"{state.get('world_size', '?')} process(es); resume with that many"
         )
-    model_state = load_file(str(folder / "model.safetensors"))
+    model_state = load_safetensors(folder / "model.safetensors")
     ema_file = folder / "ema.safetensors"
-    ema_state = load_file(str(ema_file)) if ema_file.is_file() else None
-    opt_meta = json.loads((folder / "optimizer.json").read_text())
-    optimizer.load_state_dict(optimizer_from_flat(load_file(str(folder / "optimizer.safetensors")), opt_meta))
-    lr_scheduler.load_state_dict(json.loads((folder / "lr_scheduler.json").read_text()))
-    set_rng_state(generators, load_file(str(rng_file)), json.loads((folder / f"rng-{rank}.json").read_text()))
+    ema_state = load_safetensors(ema_file) if ema_file.is_file() else None
+    opt_meta = _read_json(folder / "optimizer.json")
+    optimizer.load_state_dict(optimizer_from_flat(load_safetensors(folder / "optimizer.safetensors"), opt_meta))
+    lr_scheduler.load_state_dict(_read_json(folder / "lr_scheduler.json"))
+    set_rng_state(generators, load_safetensors(rng_file), _read_json(folder / f"rng-{rank}.json"))
     return model_state, ema_state, state

@@ -112,13 +112,17 @@ class ImageTextModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, text_encoder: Any = None) -> "ImageTextModel":
         """text_encoder: the frozen encoder the text side reads (kept for encode_prompts, not saved)."""
-        from safetensors.torch import load_file
+        from latentloom.weight_files import load_safetensors
 
         folder = Path(folder)
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise ValueError(f"{folder} is not an image-text model folder: expected config.json and model.safetensors")
         model = cls(ImageTextConfig.from_dict(json.loads((folder / "config.json").read_text())))
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        weights = folder / "model.safetensors"
+        try:
+            model.load_state_dict(load_safetensors(weights))
+        except RuntimeError as err:  # missing, unexpected or wrongly shaped tensors
+            raise ValueError(f"{weights} does not fit {folder / 'config.json'}: {err}") from err
         if text_encoder is not None:
             size = getattr(text_encoder, "hidden_size", None)
             if size is not None and size != model.config.text_dim:

@@ -154,7 +154,10 @@ class UNetConfig:
 
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> UNetConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """ValueError naming the file for bad JSON, wrong types or missing fields."""
+        from latentloom.unet.loading import _parse_config
+
+        return _parse_config(Path(path), cls.from_dict)
 
     # ------------------------------------------------------------------ diffusers config
     @classmethod

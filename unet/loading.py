@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from latentloom.unet.config import UNetConfig
 from latentloom.unet.convert import (
@@ -21,6 +21,7 @@ from latentloom.unet.convert import (
     strip_ldm_prefix,
 )
 from latentloom.unet.model import UNet
+from latentloom.weight_files import load_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -36,6 +37,11 @@ def build_with_weights(cfg: UNetConfig, sd: Mapping[str, torch.Tensor], *, sourc
     with torch.device("meta"):
         model = UNet(cfg)
     check_state_dict(sd, model.state_dict(), source=source)
+    # An integer tensor where a float weight belongs would be assigned as is: an integer UNet.
+    wrong = sorted(k for k, v in model.state_dict().items() if v.is_floating_point() and not sd[k].is_floating_point())
+    if wrong:
+        raise ValueError(f"{source}: these weights are not floating point: "
+                         f"{[f'{k} ({sd[k].dtype})' for k in wrong[:8]]}{' ...' if len(wrong) > 8 else ''}")
     if dtype is None:
         floats = {v.dtype for v in sd.values() if v.is_floating_point()}
         dtype = floats.pop() if len(floats) == 1 else torch.float32
@@ -64,7 +70,7 @@ def load_from_diffusers(module_or_folder: Any, *, dtype: torch.dtype | None = No
     if not config_path.is_file():
         hint = " (a pipeline folder? pass its 'unet' subfolder)" if (folder / "unet").is_dir() else ""
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}{hint}")
-    cfg = UNetConfig.from_diffusers_config(json.loads(config_path.read_text()))
+    cfg = _parse_config(config_path, UNetConfig.from_diffusers_config)
     sd = diffusers_to_ours(_read_diffusers_weights(folder), cfg)
     return build_with_weights(cfg, sd, source=str(folder), dtype=dtype)
 
@@ -72,13 +78,17 @@ def load_from_diffusers(module_or_folder: Any, *, dtype: torch.dtype | None = No
 def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
     for name in DIFFUSERS_WEIGHTS:
         if (folder / name).is_file():
-            return load_file(folder / name)
+            return load_safetensors(folder / name)
     index = folder / DIFFUSERS_INDEX
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
         sd: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            sd.update(load_file(folder / shard))
+        for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard:  # a shard name must not lead out of the folder
+                raise ValueError(f"{index}: shard {shard!r} is not a file name in {folder}")
+            sd.update(load_safetensors(folder / shard))
         return sd
     pickles = sorted(p.name for p in folder.glob("*.bin"))
     if pickles:
@@ -116,11 +126,32 @@ def load_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
-    raw = json.loads(config_path.read_text())
+    raw = read_json_object(config_path)
     if "_class_name" in raw or "block_out_channels" in raw:
         return load_from_diffusers(folder, dtype=dtype)
-    cfg = UNetConfig.from_dict(raw)
+    cfg = _parse_config(config_path, UNetConfig.from_dict)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
-    return build_with_weights(cfg, load_file(weights), source=str(weights), dtype=dtype)
+    return build_with_weights(cfg, load_safetensors(weights), source=str(weights), dtype=dtype)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object; ValueError naming the file otherwise."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _parse_config(path: Path, parse) -> UNetConfig:
+    """parse(dict) -> UNetConfig, with wrong types and missing fields reported against the file."""
+    try:
+        return parse(read_json_object(path))
+    except (TypeError, ValueError, KeyError) as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: {err}") from err
