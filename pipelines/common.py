@@ -2,9 +2,11 @@
 denoising loop with guidance and a progress bar, and turning latents into images."""
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import secrets
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -116,15 +118,39 @@ def make_generators(
 
 class UNetCall:
     """The UNet as the Denoiser's model: casts inputs to the UNet's dtype and the output back,
-    so the sampler's arithmetic stays in the latents' dtype (float32)."""
+    so the sampler's arithmetic stays in the latents' dtype (float32).
+
+    A float16 / bfloat16 forward that overflows (inf or NaN in the prediction) would turn the
+    latents, and so the image, black. Then this step and the rest of the call run on a float32
+    copy of the UNet, with a warning; one made for one call and dropped with it.
+    """
 
     def __init__(self, unet) -> None:
         self.unet = unet
+        self.fp32_unet = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
-        dtype = next(self.unet.parameters()).dtype
+        if self.fp32_unet is None:
+            out = self._forward(self.unet, x, t, cond)
+            if torch.isfinite(out).all():
+                return out
+            dtype = next(self.unet.parameters()).dtype
+            if dtype == torch.float32:
+                raise FloatingPointError("the UNet predicted non-finite values in float32 (broken weights or "
+                                         "inputs); no image is made")
+            warnings.warn(f"the UNet overflowed in {dtype} (non-finite prediction); running this call's "
+                          "remaining steps in float32", RuntimeWarning, stacklevel=2)
+            self.fp32_unet = copy.deepcopy(self.unet).float()
+        out = self._forward(self.fp32_unet, x, t, cond)
+        if not torch.isfinite(out).all():
+            raise FloatingPointError("the UNet predicted non-finite values even in float32; no image is made")
+        return out
+
+    @staticmethod
+    def _forward(unet, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        dtype = next(unet.parameters()).dtype
         cond = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in cond.items()}
-        return self.unet(x.to(dtype), t, **cond).to(x.dtype)
+        return unet(x.to(dtype), t, **cond).to(x.dtype)
 
 
 def text_conditions(pipe, prompts: list[str], negatives: list[str] | None, *, guided: bool) -> tuple[dict, dict | None]:
