@@ -109,7 +109,10 @@ def encode_for_batch(vae, images: torch.Tensor, *, batch: int, generator: Any) -
     image made in a batch equals the image made alone.
     """
     if isinstance(generator, (list, tuple)) and len(generator) > 1:
-        return encode_images(vae, expand_to_batch(images, batch), generator=list(generator)).float()
+        # each row alone through the encoder, as diffusers: sampling a batch posterior with generator i
+        # and keeping row i would draw other numbers than sampling row i alone
+        rows = expand_to_batch(images, batch)
+        return torch.cat([encode_images(vae, rows[i : i + 1], generator=g) for i, g in enumerate(generator)]).float()
     if isinstance(generator, (list, tuple)):
         generator = generator[0]
     return expand_to_batch(encode_images(vae, images, generator=generator).float(), batch)
