@@ -26,6 +26,10 @@ _LAZY: dict[str, str] = {
     "T5Encoder": "latentloom.text_encoders.t5",
     "MiniLMEncoder": "latentloom.text_encoders.minilm",
     "CaptionedImageDataset": "latentloom.training.data",
+    "Denoiser": "latentloom.samplers.denoiser",
+    "CFGDenoiser": "latentloom.samplers.guidance",
+    "CLIPGuidance": "latentloom.samplers.clip_guidance",
+    "make_sigmas": "latentloom.samplers.schedules",
 }
 
 __all__ = ["__version__", *_LAZY]
