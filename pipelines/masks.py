@@ -121,15 +121,15 @@ def dilated_latent_mask(mask: torch.Tensor, factor: int, *, grow: int = 1) -> to
 
 
 def feathered(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary (n, 1, H, W) -> soft mask: 1 at least `radius` pixels inside the mask, ramping to 0 at its
-    edge, exactly 0 outside it (erode by radius, then box-blur by radius: the blur cannot cross the edge)."""
-    if radius <= 0:
-        return mask
-    k = 2 * radius + 1
-    eroded = -F.max_pool2d(-mask, kernel_size=k, stride=1, padding=radius)
-    # count_include_pad=False: a mask touching the image border stays 1 there
-    soft = F.avg_pool2d(eroded, kernel_size=k, stride=1, padding=radius, count_include_pad=False)
-    return soft * mask
+    """Binary (n, 1, H, W) -> soft mask: exactly 0 outside the mask, 1 / (radius + 1) on its edge, rising
+    by that much per pixel inward, 1 from `radius + 1` pixels in (the mean of the mask eroded 0..radius
+    times by a 3 x 3 square, so it never reaches outside the mask)."""
+    total, eroded = mask.clone(), mask
+    for _ in range(max(0, radius)):
+        # max-pool pads with -inf: the image border counts as mask, so a mask touching it stays 1 there
+        eroded = -F.max_pool2d(-eroded, kernel_size=3, stride=1, padding=1)
+        total = total + eroded
+    return total / (max(0, radius) + 1)
 
 
 def paste_onto(generated: np.ndarray, original: np.ndarray, soft: np.ndarray) -> np.ndarray:
