@@ -145,3 +145,24 @@ def test_progress_log_and_nan_guard(data, unet_config, tmp_path):
     with pytest.raises(FloatingPointError, match="loss became (nan|inf) at step 1"):
         run(data, unet_config, tmp_path / "nan", steps=2, noise_offset=float("inf"))
     assert not (tmp_path / "nan" / "checkpoints" / "unet").exists()  # nothing was saved from a broken step
+
+
+def test_fine_tune_a_stable_diffusion_folder(data, tmp_path):
+    from builders import save_sd_folder, tiny_sd_pipeline
+
+    import latentloom
+
+    sd = save_sd_folder(tiny_sd_pipeline(), tmp_path / "sd")
+    out = run(data, None, tmp_path / "tuned", steps=2, ema=False, pretrained=str(sd), model_config=None,
+              caption_dropout=0.5)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder"] == {"kind": "clip"} and index["use_context_mask"] is False
+    assert (out / "text_encoder" / "config.json").is_file() and (out / "vae" / "config.json").is_file()
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["beta_schedule"] == "scaled_linear" and sched["prediction_type"] == "epsilon"
+    pipe = latentloom.load_pipeline(out, device="cpu")
+    assert pipe.use_context_mask is False
+    image = pipe("a red circle", num_inference_steps=2, seed=0, height=16, width=16).images[0]
+    assert image.size == (16, 16)
+    again = run(data, None, tmp_path / "again", steps=1, ema=False, pretrained=str(out), model_config=None)
+    assert json.loads((again / "model_index.json").read_text())["text_encoder"] == {"kind": "clip"}

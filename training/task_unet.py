@@ -74,8 +74,14 @@ class UNetTask:
         copy_from: str | Path | None = None,
         upscaler: bool = False,
         latent_channels: int | None = None,
+        use_context_mask: bool = True,
+        writers: dict[str, Any] | None = None,
     ) -> None:
-        """latent_channels: what x0 has when neither a VAE nor pixels say (precomputed latents)."""
+        """latent_channels: what x0 has when neither a VAE nor pixels say (precomputed latents).
+        use_context_mask: pass the text padding mask to cross-attention (latentloom models do;
+        Stable Diffusion was trained without it). writers: extra export components,
+        name -> write(tmp_folder) (a fine-tuned SD model's VAE and text encoder)."""
+        self.use_context_mask, self.writers = use_context_mask, dict(writers or {})
         self.cfg, self.model, self.text_encoder, self.dataset = cfg, unet, text_encoder, dataset
         self.vae, self.vae_source, self.copy_from, self.upscaler = vae, vae_source, copy_from, upscaler
         self.alphas_cumprod = alphas_cumprod
@@ -142,7 +148,7 @@ class UNetTask:
 
         def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = x_t if cond is None else torch.cat([x_t, cond], dim=1)
-            return model(x_in, t, hidden, context_mask=mask, **extra)
+            return model(x_in, t, hidden, context_mask=mask if self.use_context_mask else None, **extra)
 
         return diffusion_loss(
             predict, x0, alphas_cumprod=self.alphas_cumprod, prediction_type=cfg.prediction_type,
@@ -173,8 +179,10 @@ class UNetTask:
         write_component(output, "scheduler", lambda tmp: write_json_atomic(tmp / "scheduler_config.json", self.schedule()))
         if self.vae_source is not None:
             copy_component(self.vae_source, output, "vae")
+        for name, writer in self.writers.items():
+            write_component(output, name, writer)
         if self.copy_from is not None:  # fine-tuning: keep the other stages of the source model
-            for name in ("clip", "upscaler"):
+            for name in ("clip", "upscaler", "text_encoder", "tokenizer"):
                 if (Path(self.copy_from) / name).is_dir() and not (Path(output) / name).exists():
                     copy_component(Path(self.copy_from) / name, output, name)
         update_model_index(
@@ -182,6 +190,7 @@ class UNetTask:
             text_encoder={"kind": cfg.text_encoder},
             resolution=cfg.resolution,
             space="latent" if self.vae is not None else "pixel",
+            use_context_mask=self.use_context_mask,
         )
 
     def _export_upscaler(self, model: nn.Module, output: Path) -> None:

@@ -27,14 +27,18 @@ def load_dataset(cfg: TrainConfig):
                                  seed=cfg.seed)
 
 
-def load_text_encoder(kind: str, *, device: torch.device):
-    """The frozen text encoder named in the model folder ("minilm" is the bundled one)."""
-    if kind != "minilm":
-        raise ValueError(f"text_encoder {kind!r} is not supported by `latentloom train`; use 'minilm'")
-    from latentloom.text_encoders import MiniLMEncoder
+def load_text_encoder(kind: str, *, device: torch.device, folder: str | Path | None = None):
+    """The frozen text encoder named in the model folder: "minilm" (the bundled one), or
+    "clip" (a fine-tuned Stable Diffusion's: ``folder/text_encoder`` + ``folder/tokenizer``)."""
+    from latentloom import text_encoders
 
     # Captions are plain text (no "(word:1.2)" weighting); a big cache encodes each caption once.
-    return MiniLMEncoder(weighting=False, cache_size=1 << 16).to(device)
+    if kind == "minilm":
+        return text_encoders.MiniLMEncoder(weighting=False, cache_size=1 << 16).to(device)
+    if kind == "clip" and folder is not None:
+        return text_encoders.CLIPEncoder.from_pretrained(folder, weighting=False, cache_size=1 << 16).to(device)
+    raise ValueError(f"text_encoder {kind!r} is not supported by `latentloom train` here; use 'minilm' "
+                     "(or fine-tune a folder whose model_index.json names a 'clip' text_encoder/)")
 
 
 def _read_json(path: str | Path) -> dict[str, Any]:
@@ -95,7 +99,16 @@ def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
             vae.enable_gradient_checkpointing()
         return VAETask(cfg, vae=vae, dataset=load_dataset(cfg))
 
-    text_encoder = load_text_encoder(cfg.text_encoder, device=device)
+    if cfg.model == "unet" and cfg.pretrained is not None and not is_latentloom_folder(cfg.pretrained):
+        return _foreign_unet_task(cfg, device=device, is_main=is_main, barrier=barrier)
+    use_context_mask = True
+    if cfg.pretrained is not None and cfg.model in ("unet", "upscaler"):
+        index = json.loads((Path(cfg.pretrained) / "model_index.json").read_text())
+        kind = (index.get("text_encoder") or {}).get("kind", "minilm")
+        use_context_mask = bool(index.get("use_context_mask", True))
+        if kind != cfg.text_encoder:
+            cfg = TrainConfig.from_dict({**cfg.to_dict(), "text_encoder": kind})
+    text_encoder = load_text_encoder(cfg.text_encoder, device=device, folder=cfg.pretrained)
     if cfg.model == "clip":
         from latentloom.training.image_text import ImageTextConfig, ImageTextModel
         from latentloom.training.task_clip import ClipTask
@@ -167,7 +180,8 @@ def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
 
         add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     return UNetTask(cfg, unet=unet, text_encoder=text_encoder, dataset=dataset, alphas_cumprod=alphas_cumprod,
-                    vae=vae, vae_source=vae_source, copy_from=copy_from, upscaler=upscaler)
+                    vae=vae, vae_source=vae_source, copy_from=copy_from, upscaler=upscaler,
+                    use_context_mask=use_context_mask)
 
 
 def build_latent_cache(cfg: TrainConfig, dataset: Any, *, vae: Any, vae_source: Any, text_encoder: Any,
@@ -197,3 +211,50 @@ def build_latent_cache(cfg: TrainConfig, dataset: Any, *, vae: Any, vae_source: 
     if not is_main:
         cache = LatentCache(dataset, encode_image=encode_image, encode_text=text_encoder.encode, path=path, key=key)
     return cache
+
+
+def is_latentloom_folder(path: str | Path) -> bool:
+    index = Path(path) / "model_index.json"
+    return index.is_file() and json.loads(index.read_text()).get("format") == "latentloom"
+
+
+def _foreign_unet_task(cfg: TrainConfig, *, device: torch.device, is_main: bool, barrier: Callable[[], None]):
+    """Fine-tune a Stable Diffusion model (diffusers folder or single .safetensors file),
+    loaded by the pipeline loader; the result is a latentloom folder with its CLIP encoder."""
+    import dataclasses as dc
+
+    from latentloom.pipelines.loading import load_pipeline
+    from latentloom.training.task_unet import UNetTask
+
+    pipe = load_pipeline(cfg.pretrained, device="cpu", dtype=torch.float32)
+    schedule = dc.asdict(pipe.schedule_config)
+    if schedule.get("trained_betas") is not None:
+        raise ValueError(f"{cfg.pretrained}: trained_betas schedules are not supported for training")
+    cfg = _check_schedule_matches(cfg, schedule, Path(cfg.pretrained))
+    if cfg.text_encoder != "clip":
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "text_encoder": "clip"})
+    text_encoder = pipe.text_encoder.to(device)
+    text_encoder.weighting = False  # captions are plain text, not "(word:1.2)" prompts
+    text_encoder.cache_size = 1 << 16
+    vae = pipe.vae.to(device).eval().requires_grad_(False)
+    unet = pipe.unet
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    alphas_cumprod = train_alphas_cumprod(
+        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end, rescale_zero_terminal_snr=cfg.rescale_zero_terminal_snr,
+    )
+    dataset = load_dataset(cfg)
+    if cfg.cache_latents:
+        raise ValueError("cache_latents is supported for latentloom model folders only; fine-tune without it")
+    if cfg.lora_rank:
+        from latentloom.training.lora import add_lora
+
+        add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+
+
+    return UNetTask(cfg, unet=unet, text_encoder=text_encoder, dataset=dataset, alphas_cumprod=alphas_cumprod,
+                    vae=vae, use_context_mask=pipe.use_context_mask,
+                    writers={"vae": lambda tmp: vae.save_pretrained(str(tmp), safe_serialization=True),
+                             "text_encoder": lambda tmp: text_encoder.model.save_pretrained(str(tmp)),
+                             "tokenizer": lambda tmp: text_encoder.tokenizer.save_pretrained(str(tmp))})
