@@ -82,9 +82,11 @@ class Cascade:
         height = d.height * k if height is None else height
         width = d.width * k if width is None else width
         height, width = check_size(self.upscaler, height, width)
+        step = k * self.base.vae_scale_factor  # the base image must suit the base model's VAE
         for name, value in (("height", height), ("width", width)):
-            if value % k:
-                raise ValueError(f"{name} {value} is not a multiple of the upscale factor {k}")
+            if value % step:
+                raise ValueError(f"{name} {value} must be a multiple of {step} (the upscale factor {k} times the "
+                                 f"base model's VAE factor {self.base.vae_scale_factor})")
         low_h, low_w = check_size(self.base, height // k, width // k)
 
         common = dict(negative_prompt=negative_prompt, seed=seed, generator=generator, progress=progress)
