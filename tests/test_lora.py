@@ -156,3 +156,29 @@ def test_lora_training_run_writes_only_the_adapters(tmp_path):
     assert not torch.allclose(forward(unet), reference)
     with pytest.raises(ValueError, match="pretrained"):
         TrainConfig(output=str(tmp_path / "x"), lora_rank=2, **common)
+
+
+def test_kohya_text_encoder_keys_go_to_the_text_encoder():
+    from builders import clip_text_model
+
+    te = clip_text_model()
+    # Kohya spells text_model.encoder...; transformers 5's CLIPTextModel has no text_model level
+    (name,) = [n for n, _ in te.named_modules() if n.endswith("encoder.layers.0.mlp.fc1")]
+    w = dict(te.named_modules())[name].weight
+    before = w.clone()
+    down, up = torch.randn(2, w.shape[1]), torch.randn(w.shape[0], 2)
+    lora = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": down,
+            "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": up,
+            "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)}
+
+    class Wrapper:  # a latentloom text encoder holds the transformers model as .model
+        model = te
+        cleared = False
+
+        def clear_cache(self):
+            Wrapper.cleared = True
+
+    report = load_lora(base_unet(), lora, text_encoder=Wrapper(), scale=2.0)
+    assert report.applied_keys == 3 and report.modules == [f"text_encoder.{name}"]
+    torch.testing.assert_close(w, before + 2.0 * 0.5 * up @ down)
+    assert Wrapper.cleared  # cached prompt encodings are dropped

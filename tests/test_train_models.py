@@ -159,10 +159,11 @@ def test_cli(data, tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(["train", "--data", str(data), "--output", str(out), "--resolution", "16", "--steps", "1",
                  "--batch-size", "2", "--no-progress", "--min-snr-gamma", "5", "--prediction-type", "v_prediction",
-                 "--no-random-flip"])
+                 "--no-random-flip", "--threads", "1"])
     assert code == 0 and f"unet -> {out}" in capsys.readouterr().out
     saved = json.loads((out / "checkpoints" / "unet" / "checkpoint-1" / "state.json").read_text())["config"]
     assert saved["min_snr_gamma"] == 5.0 and saved["random_flip"] is False and saved["steps"] == 1
+    assert saved["threads"] == 1
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
 
 

@@ -130,6 +130,8 @@ def test_config_validation():
         ({"crop": "left"}, "crop"),
         ({"beta_schedule": "cosine"}, "beta_schedule"),
         ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"threads": 0}, "threads"),
+        ({"stop_after": 0}, "stop_after"),
     ]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(data="d", **bad)

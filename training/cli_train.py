@@ -68,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--ema", action="store_true", help="keep an EMA of the weights and export it")
     _add(g, "--ema-decay", type=float, help="largest EMA decay (warmed up from 0.1)")
     _add(g, "--num-workers", type=int, help="DataLoader worker processes")
+    _add(g, "--threads", type=int, help="torch CPU threads per process (1 is often fastest on a busy machine)")
 
     g = parser.add_argument_group("diffusion objective (unet, upscaler)")
     _add(g, "--caption-dropout", type=float, help="probability of the empty prompt (for guidance)")

@@ -81,6 +81,7 @@ class TrainConfig:
     checkpoints_total_limit: int | None = 2
     log_every: int = 10
     num_workers: int = 0
+    threads: int | None = None  # torch CPU threads per process (None: torch's default)
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -101,6 +102,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (or None), got {self.threads}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be >= 1 (or None), got {self.stop_after}")
         if not 0.0 <= self.caption_dropout <= 1.0:

@@ -95,15 +95,24 @@ class LoraReport:
                 + (f"; not applied: {len(self.unmatched)}" if self.unmatched else ""))
 
 
-def _module_index(model: nn.Module, *, ldm_names: dict[str, str] | None = None) -> dict[str, str]:
-    """Every spelling a LoRA file may use for a Linear/Conv2d of ``model`` -> its real name."""
+def _module_index(model: nn.Module, *, ldm_names: dict[str, str] | None = None,
+                  prefix: str = "") -> dict[str, str]:
+    """Every spelling a LoRA file may use for a Linear/Conv2d of ``model`` -> its real name.
+
+    prefix: a level the file's names have and the model lacks (transformers 5 dropped
+    CLIPTextModel's ``text_model.``, which Kohya files still spell).
+    """
     index = {}
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            index[name] = name
-            index[name.replace(".", "_")] = name
+            spellings = [name]
+            if prefix and not name.startswith(prefix):
+                spellings.append(prefix + name)
             if ldm_names and name in ldm_names:
-                index[ldm_names[name].replace(".", "_")] = name
+                spellings.append(ldm_names[name])
+            for spelling in spellings:
+                index[spelling] = name
+                index[spelling.replace(".", "_")] = name
     return index
 
 
@@ -209,7 +218,7 @@ def load_lora(
     if text_encoder is not None:
         # Kohya spells CLIP's modules from text_model... ; a wrapper may hold the HF model as .model
         inner = getattr(text_encoder, "model", text_encoder)
-        indexes["text_encoder"] = _module_index(inner)
+        indexes["text_encoder"] = _module_index(inner, prefix="text_model.")
         models["text_encoder"] = inner
     applied, modules = 0, []
     for (target, name), group in groups.items():
