@@ -111,16 +111,22 @@ def main() -> None:
                     models["latentloom"]()
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         med = {k: statistics.median(v) for k, v in times.items()}
+        # Neighbouring runs share the machine's momentary load: the median of the per-run
+        # ratios is steadier than the ratio of medians when other jobs come and go.
+        paired = statistics.median(o / d for o, d in zip(times["latentloom"], times["diffusers"]))
         diff = (outs["latentloom"] - outs["diffusers"]).abs().max().item()
         scale = outs["diffusers"].abs().max().item()
         rows.append((mode, med["diffusers"], med["latentloom"], med["latentloom"] / med["diffusers"],
-                     peaks["diffusers"], peaks["latentloom"], diff / scale))
+                     paired, peaks["diffusers"], peaks["latentloom"], diff / scale))
         print(f"  {mode}: diffusers {times['diffusers']}  latentloom {times['latentloom']}", flush=True)
 
-    print(f"\n{'mode':8} {'diffusers s':>12} {'latentloom s':>13} {'ratio':>6} "
+    print(f"\n{'mode':8} {'diffusers s':>12} {'latentloom s':>13} {'ratio':>6} {'paired':>7} "
           f"{'dRSS diff. GB':>14} {'dRSS ll GB':>11} {'max|diff|/scale':>16}")
-    for mode, d, o, ratio, pd, po, rel in rows:
-        print(f"{mode:8} {d:12.3f} {o:13.3f} {ratio:6.2f} {pd / 1e9:14.2f} {po / 1e9:11.2f} {rel:16.2e}")
+    for mode, d, o, ratio, paired, pd, po, rel in rows:
+        print(f"{mode:8} {d:12.3f} {o:13.3f} {ratio:6.2f} {paired:7.2f} {pd / 1e9:14.2f} "
+              f"{po / 1e9:11.2f} {rel:16.2e}")
+    print("ratio = median latentloom / median diffusers; paired = median of per-run ratios; "
+          "dRSS = peak RSS growth during one forward")
     print(f"process peak RSS {_maxrss_gb():.2f} GB")
 
 

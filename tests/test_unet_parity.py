@@ -173,3 +173,20 @@ def test_ldm_keys_that_do_not_fit_are_listed():
     missing = {k: v for k, v in ldm.items() if k != "out.2.bias"}
     with pytest.raises(ValueError, match=r"missing keys \(1\): \['conv_out.bias'\]"):
         UNet.from_ldm_state_dict(missing, config=cfg)
+
+
+@pytest.mark.parametrize("name", ["sd1", "upscaler"])
+def test_gradients_match_diffusers(name):
+    ref = make_diffusers(CONFIGS[name]).train()
+    ours = UNet.from_diffusers(ref).train()
+    ours.enable_gradient_checkpointing()  # training setting; must not change gradients
+    x, t, context, mask, labels = make_inputs(ref, seed=6, size=(8, 8))
+    w = torch.randn(x.shape[0], ref.config.out_channels, 8, 8, generator=torch.Generator().manual_seed(7))
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (ref(xr, t, context, encoder_attention_mask=mask, class_labels=labels).sample * w).sum().backward()
+    (ours(xo, t, context, context_mask=mask, class_labels=labels) * w).sum().backward()
+    assert_close(xo.grad, xr.grad)
+    ref_grads = dict(ref.named_parameters())
+    for key, p in ours.named_parameters():
+        expected = ref_grads[key].grad
+        assert_close(p.grad.reshape(expected.shape), expected)

@@ -57,11 +57,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
         """x (B, C_in, H, W); emb_act = silu(time embedding) (B, emb_dim), shared by all blocks."""
+        # In-place adds into fresh conv outputs (which no backward saves): on CPU every new
+        # large tensor is a fresh mmap with page faults, so fewer allocations are faster.
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(emb_act)[:, :, None, None]
+        h += self.time_emb_proj(emb_act)[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h  # (B, C_out, H, W)
+        return h.add_(skip)  # (B, C_out, H, W)
 
 
 class Downsample(nn.Module):

@@ -81,9 +81,10 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # In only-cross blocks (x4 upscaler) the first attention reads the text unmasked,
         # exactly as diffusers does; the padding mask applies to attn2.
-        x = x + self.attn1(self.norm1(x), context if self.only_cross else None)
-        x = x + self.attn2(self.norm2(x), context, bias)
-        return x + self.ff(self.norm3(x))  # (B, N, C)
+        # Residuals added in place into the fresh Linear outputs (see ResBlock.forward).
+        x = self.attn1(self.norm1(x), context if self.only_cross else None).add_(x)
+        x = self.attn2(self.norm2(x), context, bias).add_(x)
+        return self.ff(self.norm3(x)).add_(x)  # (B, N, C)
 
 
 class SpatialTransformer(nn.Module):
