@@ -122,6 +122,16 @@ def test_image_text_model_trains_and_round_trips(data, tmp_path):
         ImageTextConfig.from_dict({"width": 3})
 
 
+def test_x0_like_degradation():
+    from latentloom.training.task_clip import degrade_like_x0
+
+    pixels = torch.rand(64, 3, 16, 16) * 2 - 1
+    out = degrade_like_x0(pixels, generator=torch.Generator().manual_seed(0))
+    same = (out == pixels).flatten(1).all(1)
+    assert 16 < same.sum() < 48  # about half untouched
+    assert not torch.equal(out[~same], pixels[~same])
+
+
 def test_upscaler_stage(vae_out, data, tmp_path):
     # the VAE halves the side (block_out_channels [8, 16]): 16 px low-res beside 16 x 16 latents of a 32 px image
     cfg = tmp_path / "up.json"

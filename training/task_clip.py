@@ -1,15 +1,33 @@
-"""Training task for the small image-text model (contrastive; frozen text encoder)."""
+"""Training task for the small image-text model (contrastive; frozen text encoder).
+
+CLIP guidance scores the sampler's x0 estimates, which are blurry early in sampling, so half
+of the training images are degraded the same way (downsampled by 2 or 4 and back up, plus a
+little noise): the model then still ranks prompts sensibly on such estimates.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from latentloom.training.config import TrainConfig
 from latentloom.training.export import write_component
 from latentloom.training.image_text import ImageTextModel
+
+
+def degrade_like_x0(pixels: torch.Tensor, *, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Blur (down by 2 or 4, bilinear up) and add noise (std up to 0.1) to a random share p of images."""
+    b, _, h, w = pixels.shape
+    device = pixels.device
+    pick = torch.rand(b, device=device, generator=generator) < p  # (B,)
+    factor = 2 ** int(torch.randint(1, 3, (), device=device, generator=generator))
+    blurred = F.interpolate(F.avg_pool2d(pixels, factor), size=(h, w), mode="bilinear", align_corners=False)
+    std = 0.1 * torch.rand(b, 1, 1, 1, device=device, generator=generator)
+    blurred = blurred + std * torch.randn(pixels.shape, device=device, generator=generator)
+    return torch.where(pick.view(b, 1, 1, 1), blurred, pixels)
 
 
 class ClipTask:
@@ -29,6 +47,7 @@ class ClipTask:
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generators: dict[str, torch.Generator]) -> torch.Tensor:
         device = generators["noise"].device
         pixels = batch["pixel_values"].to(device=device, dtype=torch.float32)
+        pixels = degrade_like_x0(pixels, generator=generators["noise"])
         captions = list(batch["caption"])
         text = self.sentence_vectors(captions, device=device)
         same = torch.tensor([[a == b for b in captions] for a in captions], device=device)  # (B, B)
