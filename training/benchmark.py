@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = FixedLatents(n, channels=4, size=args.latent_size, tokens=16, dim=384)
     ours = bench_latentloom(args, config, data)
     theirs = bench_diffusers(args, config, data)
-    result = {"unet": args.unet, "params": sum(p.numel() for p in __import__("latentloom.unet", fromlist=["UNet"]).UNet(config).parameters()),
+    from latentloom.unet import UNet
+
+    result = {"unet": args.unet, "params": sum(p.numel() for p in UNet(config).parameters()),
               "batch_size": args.batch_size, "latent": [4, args.latent_size, args.latent_size],
               "mixed_precision": args.mixed_precision, "ema": args.ema, "threads": torch.get_num_threads(),
               "latentloom_images_per_s": round(ours, 2), "diffusers_images_per_s": round(theirs, 2),

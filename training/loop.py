@@ -110,7 +110,8 @@ def train(cfg: TrainConfig, *, task: Any = None) -> Path:
         len(task.dataset), batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, position=position
     )
     loader = torch.utils.data.DataLoader(
-        PositionedDataset(task.dataset, num_items=len(task.dataset), seed=cfg.seed), batch_sampler=sampler, collate_fn=getattr(task, "collate", None), num_workers=cfg.num_workers,
+        PositionedDataset(task.dataset, num_items=len(task.dataset), seed=cfg.seed),
+        batch_sampler=sampler, collate_fn=getattr(task, "collate", None), num_workers=cfg.num_workers,
     )
     batches = iter(loader)
 
