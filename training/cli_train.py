@@ -109,7 +109,15 @@ def run(args: argparse.Namespace) -> int:
     from latentloom.training.loop import train
 
     out = train(cfg)
-    print(f"latentloom train: {cfg.model} -> {out}")
+    stats_file = out / "checkpoints" / f"{cfg.model}-train-stats.json"
+    summary = ""
+    if stats_file.is_file():
+        import json
+
+        stats = json.loads(stats_file.read_text())
+        if stats.get("images_per_s"):
+            summary = f" ({stats['steps']} steps, {stats['images_per_s']:.1f} images/s, loss {stats['final_loss_ema']:.4f})"
+    print(f"latentloom train: {cfg.model} -> {out}{summary}")
     return 0
 
 
