@@ -187,6 +187,9 @@ def train(cfg: TrainConfig, *, task: Any = None) -> Path:
     }
     output = Path(cfg.output)
     task.stats = stats
+    if accelerator.is_main_process:
+        cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.checkpoint_dir / f"{cfg.model}-train-stats.json").write_text(json.dumps(stats, indent=2))
     if step < cfg.steps:  # stopped early: the checkpoint is the result; export when finished
         return output
     if accelerator.is_main_process:
@@ -196,7 +199,5 @@ def train(cfg: TrainConfig, *, task: Any = None) -> Path:
             ema.copy_to(export_model)
         export_model.eval()
         task.export(export_model, output)
-        (output / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (output / "checkpoints" / f"{cfg.model}-train-stats.json").write_text(json.dumps(stats, indent=2))
     accelerator.wait_for_everyone()
     return output
