@@ -140,20 +140,31 @@ def test_unmatched_keys_are_reported_never_silently_dropped():
         save_lora(base_unet(), "x.safetensors")
 
 
-def test_lora_training_run_writes_only_the_adapters(tmp_path):
+def test_lora_training_run_then_load_into_a_pipeline_with_a_scale(tmp_path):
+    from builders import tiny_vae
+
+    import latentloom
+    from latentloom.training.lora import load_lora_into_pipeline
+
     data = write_dataset(tmp_path / "data", 6, seed=1)
+    tiny_vae().save_pretrained(str(tmp_path / "vae"))
     cfg_path = tmp_path / "unet.json"
-    UNetConfig(**TINY).save_json(cfg_path)
+    UNetConfig(**{**TINY, "in_channels": 4, "out_channels": 4}).save_json(cfg_path)
     common = dict(data=str(data), resolution=16, batch_size=2, progress=False, caption_dropout=0.0)
-    base = train(TrainConfig(output=str(tmp_path / "base"), model_config=str(cfg_path), steps=1, **common))
+    base = train(TrainConfig(output=str(tmp_path / "base"), model_config=str(cfg_path), vae=str(tmp_path / "vae"),
+                             steps=1, **common))
     out = train(TrainConfig(output=str(tmp_path / "lora"), pretrained=str(base), lora_rank=2, steps=2, lr=1e-2,
                             **common))
     assert (out / "lora.safetensors").is_file() and not (out / "unet").exists()
-    unet = UNet.from_pretrained(base / "unet")
-    reference = forward(unet)
-    report = load_lora(unet, out / "lora.safetensors", scale=1.0)
+    pipe = latentloom.load_pipeline(base, device="cpu")
+    call = dict(num_inference_steps=2, seed=0, output_type="np")
+    before = pipe("a red circle", **call).images
+    report = load_lora_into_pipeline(pipe, out / "lora.safetensors", scale=1.0)
     assert report.applied_keys == report.total_keys > 0
-    assert not torch.allclose(forward(unet), reference)
+    after = pipe("a red circle", **call).images
+    assert abs(after - before).max() > 1e-4
+    load_lora_into_pipeline(pipe, out / "lora.safetensors", scale=-1.0)
+    assert abs(pipe("a red circle", **call).images - before).max() < 1e-3
     with pytest.raises(ValueError, match="pretrained"):
         TrainConfig(output=str(tmp_path / "x"), lora_rank=2, **common)
 

@@ -261,6 +261,16 @@ def load_lora(
     return report
 
 
+def load_lora_into_pipeline(pipe: Any, source: str | os.PathLike | dict[str, torch.Tensor], *,
+                            scale: float = 1.0, strict: bool = True) -> LoraReport:
+    """Merge a LoRA into a pipeline's UNet (and text encoder, for ``lora_te_`` keys) with ``scale``;
+    ``scale=-s`` takes a LoRA merged with ``s`` back out."""
+    report = load_lora(pipe.unet, source, scale=scale, text_encoder=pipe.text_encoder, strict=strict)
+    if hasattr(pipe, "_model_hash"):
+        pipe._model_hash = None  # the weights changed: image metadata must not name the old hash
+    return report
+
+
 def lora_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """rank / alpha / format of a latentloom LoRA file (empty for other files)."""
     _, metadata = read_lora_file(path)
