@@ -23,6 +23,7 @@ _SUBCOMMANDS: list[str] = [
     "latentloom.pipelines.cli_edit:register_upscale",
     "latentloom.training.cli_data:register",
     "latentloom.training.cli_train:register",
+    "latentloom.evaluation.cli_eval:register",
 ]
 
 
