@@ -30,15 +30,17 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                        help="denoising steps (default: the model's)")
     group.add_argument("--guidance", type=float, default=None, dest="guidance_scale",
                        help="classifier-free guidance scale (default: the model's)")
-    group.add_argument("--guidance-rescale", type=float, default=0.0)
+    # None, not 0.0: an unset flag must not override the value `generate --from` reads from a recipe
+    group.add_argument("--guidance-rescale", type=float, default=None,
+                       help="rescale guided predictions toward the conditional one's std, 0..1 (default: 0)")
     group.add_argument("--sampler", default=None,
                        help="ddpm, ddim, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, unipc")
     group.add_argument("--karras", action="store_true", default=None, dest="karras_sigmas",
                        help="Karras noise levels")
     group.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: random)")
     group.add_argument("--num-images", type=int, default=1, dest="num_images_per_prompt")
-    group.add_argument("--clip-guidance", type=float, default=0.0, dest="clip_guidance_scale",
-                       help="CLIP guidance scale (needs a model with an image-text model)")
+    group.add_argument("--clip-guidance", type=float, default=None, dest="clip_guidance_scale",
+                       help="CLIP guidance scale (needs a model with an image-text model; default: 0)")
     group.add_argument("--output", "-o", default="latentloom.png",
                        help="PNG path; several images become NAME-0.png, NAME-1.png, ...")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
