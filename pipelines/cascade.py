@@ -16,6 +16,11 @@ from latentloom.pipelines.upscale import upscaler_parts
 from latentloom.pipelines.vae import numpy_to_pil
 
 
+# arguments the cascade itself gives the stages
+_CARRIED = {"prompt", "image", "mask_image", "strength", "height", "width", "num_images_per_prompt", "noise_level",
+            "paste_back", "feather", "output_type"}
+
+
 class Cascade:
     """`Cascade(base, upscaler)(prompt, ...)`: the base pipeline makes a small image, the upscaler
     (an SD-x4-upscaler-style pipeline) enlarges it by its VAE factor.
@@ -90,6 +95,11 @@ class Cascade:
         low_h, low_w = check_size(self.base, height // k, width // k)
 
         common = dict(negative_prompt=negative_prompt, seed=seed, generator=generator, progress=progress)
+        for name, extra in (("base_kwargs", base_kwargs), ("upscale_kwargs", upscale_kwargs)):
+            taken = sorted(set(extra or {}) & (set(common) | _CARRIED))
+            if taken:
+                raise ValueError(f"{name} must not set {taken}: the cascade passes those to both stages; "
+                                 "give them to the cascade call itself")
         base_args = {**(base_kwargs or {}), **common, "output_type": "np", "num_images_per_prompt": per_prompt}
         if pixels is None:
             low = self.base(prompts, height=low_h, width=low_w, **base_args)

@@ -85,6 +85,10 @@ def test_cascade_errors(base, upscaler):
         cascade("x", height=15, width=16)
     with pytest.raises(ValueError, match="height 18 must be a multiple of 4 .the upscale factor 2 times"):
         cascade("x", height=18, width=16)
+    with pytest.raises(ValueError, match=r"base_kwargs must not set \['seed'\]"):
+        cascade("x", base_kwargs={"seed": 3})
+    with pytest.raises(ValueError, match="upscale_kwargs must not set"):
+        cascade("x", upscale_kwargs={"image": picture()})
     with pytest.raises(ValueError, match="use output_type 'pil' or 'np'"):
         cascade("x", output_type="latent")
 

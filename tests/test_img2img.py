@@ -38,13 +38,15 @@ def test_same_images_as_diffusers(reference, ours, sampler):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     ref = use_scheduler(StableDiffusionImg2ImgPipeline(**reference[0].components), sampler)
-    args = dict(prompt=["a red circle", "blue"], negative_prompt=["", "blurry"], num_inference_steps=6,
+    args = dict(prompt=["a red circle", "blue"], negative_prompt=["", "blurry"], num_inference_steps=5,
                 guidance_scale=5.0, strength=0.6)
     expected = ref(image=picture(), generator=torch.Generator().manual_seed(3), output_type="np", **args).images
     got = ours.img2img(image=picture(), sampler=sampler, generator=torch.Generator().manual_seed(3),
                        output_type="np", progress=False, **args).images
     assert got.shape == expected.shape == (2, 32, 32, 3)
-    assert np.abs(got - expected).max() <= 1e-4
+    diff = float(np.abs(got - expected).max())
+    print(f"img2img {sampler} parity vs diffusers: max abs diff {diff:.2e} (mean {float(np.abs(got - expected).mean()):.2e})")
+    assert diff <= 1e-4
 
 
 def test_same_images_as_diffusers_with_generator_list_and_images_per_prompt(reference, ours):
@@ -56,7 +58,9 @@ def test_same_images_as_diffusers_with_generator_list_and_images_per_prompt(refe
     expected = ref(image=picture(24, 16), generator=gens(), output_type="np", **args).images
     got = ours.img2img(image=picture(24, 16), sampler="dpmpp_2m", generator=gens(), output_type="np",
                        progress=False, **args).images
-    assert np.abs(got - expected).max() <= 1e-4
+    diff = float(np.abs(got - expected).max())
+    print(f"img2img parity vs diffusers: max abs diff {diff:.2e} (mean {float(np.abs(got - expected).mean()):.2e})")
+    assert diff <= 1e-4
 
 
 def test_pil_numpy_and_tensor_images_give_the_same_result(ours):

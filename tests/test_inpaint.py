@@ -58,14 +58,16 @@ def make(pipe, prompt="a red circle", **kwargs):
 def test_nine_channel_inpainting_matches_diffusers(reference9, ours9, sampler, strength):
     ref = use_scheduler(reference9[0], sampler)
     image, mask = picture(24, 32, seed=4), box_mask(24, 32, 4, 6, 20, 22)
-    args = dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=5, guidance_scale=5.0,
+    args = dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0,
                 strength=strength, num_images_per_prompt=2)
     expected = ref(image=image, mask_image=mask, height=24, width=32, generator=torch.Generator().manual_seed(3),
                    output_type="np", **args).images
     got = ours9.inpaint(image=image, mask_image=mask, paste_back=False, sampler=sampler, output_type="np",
                         generator=torch.Generator().manual_seed(3), progress=False, **args).images
     assert got.shape == expected.shape == (2, 24, 32, 3)
-    assert np.abs(got - expected).max() <= 1e-4
+    diff = float(np.abs(got - expected).max())
+    print(f"inpaint {sampler} strength {strength} parity vs diffusers: max abs diff {diff:.2e} (mean {float(np.abs(got - expected).mean()):.2e})")
+    assert diff <= 1e-4
 
 
 @pytest.mark.parametrize("which", ["ours9", "ours4"])
