@@ -124,6 +124,12 @@ def test_bad_images_are_refused(ours):
         make(ours, image="picture.png")
     with pytest.raises(ValueError, match=r"\(3, H, W\) or \(B, 3, H, W\)"):
         make(ours, image=torch.zeros(1, 16, 16))
+    with pytest.raises(ValueError, match="integer pixels must be in 0-255"):
+        make(ours, image=np.full((16, 16, 3), 300, np.int32))
+    with pytest.raises(ValueError, match=r"\(H, W\), \(H, W, 3\|4\) or \(B, H, W, 3\|4\)"):
+        make(ours, image=np.zeros((16, 16, 2), np.uint8))
+    with pytest.raises(ValueError, match="image is an empty list"):
+        make(ours, image=[])
 
 
 def test_a_unet_with_other_input_channels_is_refused(tmp_path):

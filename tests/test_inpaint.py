@@ -118,9 +118,9 @@ def test_blend_wrapper_keeps_the_known_region_with_every_sampler(sampler):
     torch.testing.assert_close(x_in[keep], (x0 + sigma * noise)[keep], atol=1e-5, rtol=1e-5)
 
 
-def test_four_channel_inpainting_runs_with_a_stochastic_and_a_multistep_sampler(ours4):
-    for sampler in ("euler_a", "dpmpp_2m"):
-        out = make(ours4, sampler=sampler, seed=2, output_type="pil").images[0]
+def test_four_channel_inpainting_with_a_stochastic_and_a_multistep_sampler_keeps_the_unmasked_pixels(ours4):
+    for sampler, strength in (("euler_a", 1.0), ("dpmpp_2m", 0.7)):
+        out = make(ours4, sampler=sampler, strength=strength, seed=2, output_type="pil").images[0]
         keep = np.asarray(box_mask()) == 0
         assert np.array_equal(np.asarray(out)[keep], np.asarray(picture())[keep])
 
@@ -225,6 +225,11 @@ def test_strength_errors(ours9):
 
 
 def test_other_bad_arguments(ours4):
+    with pytest.raises(ValueError, match="masks in mask_image have different sizes"):
+        make(ours4, mask_image=[box_mask(), box_mask(8, 8, 1, 1, 4, 4)])
+    with pytest.raises(ValueError, match="must share batch and spatial size"):
+        InpaintBlend(lambda x, s: x, x0=torch.zeros(1, 4, 4, 4), noise=torch.zeros(1, 4, 4, 4),
+                     mask=torch.zeros(1, 1, 2, 2))
     with pytest.raises(ValueError, match="feather must be in"):
         make(ours4, feather=-1)
     with pytest.raises(ValueError, match="2 images in mask_image for 3 prompts"):

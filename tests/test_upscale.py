@@ -97,6 +97,17 @@ def test_a_model_that_is_no_upscaler_is_refused(tmp_path):
         make(pipe)
 
 
+def test_a_seven_channel_unet_without_class_embedding_is_refused(reference):
+    import dataclasses
+
+    from latentloom.unet import UNet
+
+    pipe = latentloom.load_pipeline(reference[1], device="cpu")
+    pipe.unet = UNet(dataclasses.replace(pipe.unet.config, num_class_embeds=None))
+    with pytest.raises(ValueError, match="noise-level class embedding"):
+        make(pipe)
+
+
 def test_img2img_refuses_the_upscaler(ours):
     with pytest.raises(ValueError, match="img2img needs a UNet with 4 input channels; this model's UNet has 7"):
         ours.img2img("x", image=picture(), progress=False)
