@@ -30,6 +30,11 @@ _LAZY: dict[str, str] = {
     "CFGDenoiser": "latentloom.samplers.guidance",
     "CLIPGuidance": "latentloom.samplers.clip_guidance",
     "make_sigmas": "latentloom.samplers.schedules",
+    "TrainConfig": "latentloom.training.config",
+    "train": "latentloom.training.loop",
+    "load_lora": "latentloom.training.lora",
+    "ImageTextModel": "latentloom.training.image_text",
+    "Cascade": "latentloom.pipelines.cascade",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,7 +1,7 @@
 """Training throughput: latentloom's loop vs diffusers' train_text_to_image.py step logic,
 same UNet architecture, same batch of precomputed latents and text embeddings, one process.
 
-    python -m latentloom.training.benchmark --unet tiny --batch-size 16 --steps 20 --mixed-precision no
+    python benchmarks/training.py --unet tiny --batch-size 16 --steps 20 --mixed-precision no
 
 Both sides do per step: draw t and noise, noise the latents, run the UNet, MSE loss,
 backward, AdamW step, LR scheduler step (and EMA when --ema). Prints images/s and the ratio.
@@ -130,7 +130,7 @@ def bench_diffusers(args: argparse.Namespace, config: Any, data: FixedLatents) -
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m latentloom.training.benchmark", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/training.py", description=__doc__.splitlines()[0])
     parser.add_argument("--unet", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)

@@ -120,14 +120,7 @@ def load_diffusers_folder(folder: Path, index: dict[str, Any]) -> Pipeline:
         use_context_mask=False, defaults=CallDefaults(height=side, width=side),
         weights_files=sorted((folder / "unet").glob("*.safetensors"))[:1],
     )
-    if (folder / "low_res_scheduler").is_dir():  # an SD-x4-upscaler folder: what pipe.upscale needs
-        from latentloom.samplers.schedules import DiscreteSchedule
-
-        low_res = _read_json(folder / "low_res_scheduler" / "scheduler_config.json")
-        with warnings.catch_warnings():  # only its betas are used (add_noise), so its step settings do not matter
-            warnings.simplefilter("ignore", UserWarning)
-            pipe.low_res_schedule = DiscreteSchedule.from_config(ScheduleConfig.from_diffusers_config(low_res))
-        pipe.max_noise_level = int(index.get("max_noise_level", 350))
+    _attach_low_res_schedule(pipe, folder, index)
     return pipe
 
 
@@ -155,11 +148,27 @@ def load_latentloom_folder(folder: Path, *, name: str) -> Pipeline:
         from latentloom.training.image_text import ImageTextModel
 
         clip_model = ImageTextModel.from_pretrained(folder / "clip", text_encoder=text_encoder)
-    return Pipeline(
+    pipe = Pipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, schedule_config=schedule, name=name,
         use_context_mask=bool(index.get("use_context_mask", True)), defaults=defaults,
         weights_files=sorted((folder / "unet").glob("*.safetensors")), clip_model=clip_model,
     )
+    _attach_low_res_schedule(pipe, folder, index)
+    return pipe
+
+
+def _attach_low_res_schedule(pipe: Pipeline, folder: Path, index: dict[str, Any]) -> None:
+    """An SD-x4-style upscaler folder (diffusers' or ours) has a low_res_scheduler/: what
+    pipe.upscale needs to noise-augment the low-resolution image."""
+    if not (folder / "low_res_scheduler").is_dir():
+        return
+    from latentloom.samplers.schedules import DiscreteSchedule
+
+    low_res = _read_json(folder / "low_res_scheduler" / "scheduler_config.json")
+    with warnings.catch_warnings():  # only its betas are used (add_noise), so its step settings do not matter
+        warnings.simplefilter("ignore", UserWarning)
+        pipe.low_res_schedule = DiscreteSchedule.from_config(ScheduleConfig.from_diffusers_config(low_res))
+    pipe.max_noise_level = int(index.get("max_noise_level", 350))
 
 
 def _text_encoder_from_index(folder: Path, spec: dict[str, Any]):

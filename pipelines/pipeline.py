@@ -46,6 +46,7 @@ class Pipeline:
         self.clip_model = clip_model
         self.clip_tokenizer = None  # set with a transformers CLIPModel as clip_model
         self._model_hash: str | None = None
+        self.loras: list[tuple[Path, float]] = []  # merged LoRA files and scales, part of model_hash
 
     @property
     def device(self) -> torch.device:
@@ -82,8 +83,21 @@ class Pipeline:
                 with open(path, "rb") as handle:
                     for block in iter(lambda: handle.read(1 << 22), b""):
                         digest.update(block)
+            for path, scale in self.loras:  # merged LoRAs change the weights, so they change the hash
+                digest.update(Path(path).read_bytes() + repr(scale).encode())
             self._model_hash = digest.hexdigest()[:10] if self.weights_files else "unknown"
         return self._model_hash
+
+    def load_lora(self, path: str | Path, *, scale: float = 1.0, strict: bool = True):
+        """Merge a LoRA file (latentloom, diffusers/peft or Kohya format) into the UNet (and text
+        encoder for its `lora_te_` keys) with `scale`; returns a report of the keys applied.
+        `scale=-s` takes a LoRA merged with `s` back out."""
+        from latentloom.training.lora import load_lora_into_pipeline
+
+        report = load_lora_into_pipeline(self, path, scale=scale, strict=strict)
+        self.loras.append((Path(path), float(scale)))
+        self._model_hash = None
+        return report
 
     def __call__(self, prompt: str | list[str], **kwargs: Any):
         """Text to image; see `latentloom.pipelines.txt2img.text_to_image` for the arguments."""

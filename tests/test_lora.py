@@ -158,9 +158,10 @@ def test_lora_training_run_then_load_into_a_pipeline_with_a_scale(tmp_path):
     assert (out / "lora.safetensors").is_file() and not (out / "unet").exists()
     pipe = latentloom.load_pipeline(base, device="cpu")
     call = dict(num_inference_steps=2, seed=0, output_type="np")
-    before = pipe("a red circle", **call).images
-    report = load_lora_into_pipeline(pipe, out / "lora.safetensors", scale=1.0)
+    before, hash_before = pipe("a red circle", **call).images, pipe.model_hash()
+    report = pipe.load_lora(out / "lora.safetensors", scale=1.0)
     assert report.applied_keys == report.total_keys > 0
+    assert pipe.model_hash() != hash_before  # image metadata tells a LoRA'd model apart
     after = pipe("a red circle", **call).images
     assert abs(after - before).max() > 1e-4
     load_lora_into_pipeline(pipe, out / "lora.safetensors", scale=-1.0)
