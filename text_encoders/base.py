@@ -304,10 +304,27 @@ class FrozenTextEncoder:
         ]
 
     def _run_windows(self, windows: Sequence[list[int]]):
-        """Encode windows of ids in one batch -> hidden (N, T, D), mask (N, T), pooled (N, D') | None."""
+        """Encode windows of ids in one batch -> hidden (N, T, D), mask (N, T), pooled (N, D') | None.
+
+        Unpadded encoders run one batch per window length: padded to a batch mate's length, a
+        window's numbers would change in the last bits with its company, and through the cache
+        the same prompt would encode differently depending on earlier calls."""
         import torch
 
-        length = self.window_length if self.pad_windows else max(len(w) for w in windows)
+        lengths = sorted({len(w) for w in windows})
+        if not self.pad_windows and len(lengths) > 1:
+            groups = [[n for n, w in enumerate(windows) if len(w) == size] for size in lengths]
+            parts = [self._run_windows([windows[n] for n in group]) for group in groups]
+            hidden = parts[-1][0].new_zeros((len(windows), lengths[-1], parts[-1][0].shape[-1]))  # (N, T, D)
+            mask = parts[-1][1].new_zeros((len(windows), lengths[-1]))  # (N, T)
+            pooled = None if parts[-1][2] is None else parts[-1][2].new_empty((len(windows), parts[-1][2].shape[-1]))
+            for group, (h, m, p) in zip(groups, parts):
+                hidden[group, : h.shape[1]] = h
+                mask[group, : m.shape[1]] = m
+                if pooled is not None:
+                    pooled[group] = p
+            return hidden, mask, pooled
+        length = self.window_length if self.pad_windows else lengths[-1]
         ids = torch.full((len(windows), length), self.pad_id, dtype=torch.long)  # (N, T)
         mask = torch.zeros((len(windows), length), dtype=torch.long)  # (N, T)
         for n, window in enumerate(windows):
