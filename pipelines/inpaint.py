@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from latentloom.pipelines.common import (
     call_recipes, call_sigmas, check_int, check_unet_channels, guided_denoiser, latents_to_output, parse_call,
@@ -83,9 +84,11 @@ def inpaint(
     size (accepted forms: `masks`), binarized at 0.5. strength: 1 starts from pure noise; below
     1 from the image noised to that level (as img2img). paste_back (default True): the
     output is the original image outside the mask, bit for bit, blended into the generated
-    image over `feather` pixels inside the mask's edge (default: the VAE factor, 8 for SD);
-    False returns the decoded image as is (what diffusers returns). output_type="latent"
-    returns latents without paste-back. Other arguments as `text_to_image`.
+    image over `feather` pixels inside the mask's edge (default: the VAE factor, 8 for SD),
+    and a 9-channel UNet is asked to repaint every latent cell the mask touches. False returns
+    the decoded image as is, with the mask conditioned exactly as diffusers does (so the same
+    generator gives `StableDiffusionInpaintPipeline`'s image). output_type="latent" returns
+    latents without paste-back. Other arguments as `text_to_image`.
     """
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
@@ -115,8 +118,14 @@ def inpaint(
         if strength < 1.0:
             x0 = encode_for_batch(pipe.vae, init, batch=batch, generator=gen)
         noise = randn((batch, c, height // f, width // f), generator=gen, device=device, dtype=torch.float32)
-        masked_latents = encode_for_batch(pipe.vae, init * (mask < 0.5), batch=batch, generator=gen)
-        latent_mask = expand_to_batch(nearest_latent_mask(mask, f), batch)
+        cond_mask = mask
+        if paste_back:
+            # repaint every latent cell the mask touches, so no cell is half kept / half repainted (a seam
+            # on the latent grid); the pixel-space paste-back then restores everything outside the mask.
+            # Without paste-back the mask is conditioned exactly as diffusers does (nearest sampling).
+            cond_mask = F.interpolate(dilated_latent_mask(mask, f, grow=0), scale_factor=f)
+        masked_latents = encode_for_batch(pipe.vae, init * (cond_mask < 0.5), batch=batch, generator=gen)
+        latent_mask = expand_to_batch(nearest_latent_mask(cond_mask, f), batch)
         denoiser = guided_denoiser(pipe, call, extra={"concat": torch.cat([latent_mask, masked_latents], dim=1)})
 
     cfg = pipe.schedule_config

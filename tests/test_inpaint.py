@@ -84,6 +84,21 @@ def test_paste_back_keeps_every_unmasked_pixel_exactly(which, request):
     assert not np.array_equal(raw[keep], original[keep])  # what the VAE alone gives back differs
 
 
+def test_nine_channel_conditioning_covers_whole_latent_cells_with_paste_back(ours9):
+    seen = []
+    hook = ours9.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0][:1, 4].clone()))
+    try:
+        mask = box_mask(16, 16, 3, 5, 11, 13)  # rows 3..10, columns 5..12: odd edges, factor 2
+        make(ours9, mask_image=mask, seed=0, num_inference_steps=1, paste_back=True)
+        make(ours9, mask_image=mask, seed=0, num_inference_steps=1, paste_back=False)
+    finally:
+        hook.remove()
+    grid, nearest = torch.zeros(8, 8), torch.zeros(8, 8)
+    grid[1:6, 2:7] = 1  # every cell holding a repainted pixel
+    nearest[2:6, 3:7] = 1  # diffusers: the cell's top-left pixel decides
+    assert torch.equal(seen[0][0], grid) and torch.equal(seen[1][0], nearest)
+
+
 def test_paste_back_blends_inside_the_mask_edge_only(ours4):
     image, mask = picture(seed=6), box_mask(16, 16, 2, 2, 14, 14)
     kwargs = dict(image=image, mask_image=mask, seed=1)
