@@ -49,14 +49,16 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor, *, generator=None, sample: bool = True) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] -> scaled latents, sampling the posterior as diffusers' img2img does."""
-    dist = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    if sample:
-        if isinstance(generator, list):  # per-image generators, as diffusers' retrieve_latents
-            z = torch.cat([dist.sample(generator=g)[i : i + 1] for i, g in enumerate(generator)])
-        else:
-            z = dist.sample(generator=generator)
+    images = images.to(device=vae.device, dtype=vae.dtype)
+    if sample and isinstance(generator, (list, tuple)):
+        if len(generator) != images.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {images.shape[0]} images; pass one per image")
+        # each image alone through the encoder with its own generator, as diffusers' img2img does
+        # (sampling a batch posterior with generator i and keeping row i draws other numbers)
+        z = torch.cat([vae.encode(images[i : i + 1]).latent_dist.sample(generator=g) for i, g in enumerate(generator)])
     else:
-        z = dist.mode()
+        dist = vae.encode(images).latent_dist
+        z = dist.sample(generator=generator) if sample else dist.mode()
     return (z - _shift(vae)) * vae.config.scaling_factor
 
 
