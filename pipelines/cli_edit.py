@@ -76,7 +76,7 @@ def _run(args: argparse.Namespace, method: str, **task: object) -> int:
         pipe = load(args)
         out = getattr(pipe, method)(args.prompt, **kwargs, progress=not args.no_progress)
         report_saved(out.save(args.output))
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:  # OSError: a full disk, an output path that is a folder
         return fail(str(err))
     return 0
 

@@ -57,6 +57,6 @@ def run(args: argparse.Namespace) -> int:
         pipe = load(args)
         out = pipe(**kwargs, progress=not args.no_progress)
         report_saved(out.save(args.output))
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:  # OSError: a full disk, an output path that is a folder
         return fail(str(err))
     return 0

@@ -25,15 +25,39 @@ MAX_PIXELS = 4096 * 4096  # beyond this a request is a mistake, not a wish
 def check_prompt_list(prompt: Any, name: str = "prompt") -> list[str]:
     """A str or a non-empty list of str -> list[str]; TypeError/ValueError otherwise."""
     if isinstance(prompt, str):
-        return [prompt]
+        return [_check_text(prompt, name)]
     if isinstance(prompt, (list, tuple)):
         if not prompt:
             raise ValueError(f"{name} is an empty list; pass at least one prompt")
         bad = [type(p).__name__ for p in prompt if not isinstance(p, str)]
         if bad:
             raise TypeError(f"every {name} must be a str; got {', '.join(bad)} in the list")
-        return list(prompt)
+        return [_check_text(p, name) for p in prompt]
     raise TypeError(f"{name} must be a str or a list of str, got {type(prompt).__name__}")
+
+
+def _check_text(prompt: str, name: str) -> str:
+    """A str that is valid Unicode: a lone surrogate (e.g. from a bad decode) would fail deep in the
+    tokenizer, or later when the recipe is written as UTF-8."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{name} is not valid Unicode ({err.reason} at position {err.start}): "
+                         f"{prompt[max(0, err.start - 20):err.start + 20]!r}") from None
+    return prompt
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """True / False only: bool("no") is True, so strings and numbers are refused, not converted."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_callback(callback: Any) -> Callable | None:
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(i, sigma, x, denoised), got {type(callback).__name__}")
+    return callback
 
 
 def check_negative(negative_prompt: Any, batch: int) -> list[str] | None:
@@ -190,6 +214,7 @@ def build_denoiser(pipe, *, cond: dict, uncond: dict | None, guidance_scale: flo
 def run_sampler(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator,
                 callback: Callable | None, progress: bool) -> torch.Tensor:
     """Run solver `name` with a tqdm bar over its steps (off with progress=False)."""
+    check_callback(callback)
     sample = get_sampler(name)
     bar = tqdm(total=len(sigmas) - 1, desc=f"latentloom {name}", disable=not progress, leave=False)
 
@@ -255,7 +280,8 @@ def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: 
     get_sampler(sampler)
     per_prompt = check_int(num_images_per_prompt, "num_images_per_prompt", low=1, high=64)
     output_type = check_output_type(output_type)
-    karras = pipe.schedule_config.use_karras_sigmas if karras_sigmas is None else bool(karras_sigmas)
+    karras = pipe.schedule_config.use_karras_sigmas if karras_sigmas is None else check_bool(karras_sigmas,
+                                                                                             "karras_sigmas")
     generator, seeds = make_generators(seed=seed, generator=generator, batch=len(prompts) * per_prompt)
     return CallArgs(prompts, negatives, steps, scale, rescale, sampler, karras, per_prompt, output_type,
                     generator, seeds)

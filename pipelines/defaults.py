@@ -22,6 +22,21 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """`None` -> `default_device()`; a name or device that this machine can use, else ValueError
+    (torch raises RuntimeError for unknown names and AssertionError for CUDA without CUDA)."""
+    if device is None:
+        return default_device()
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)  # the cheapest real use: is the backend there?
+    except (RuntimeError, AssertionError) as err:
+        raise ValueError(f"device {str(device)!r} cannot be used on this machine: {err}") from None
+    return device
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     """`None` -> float16 on CUDA, float32 elsewhere; strings like "bf16" accepted."""
     if dtype is None:

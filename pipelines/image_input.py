@@ -63,10 +63,13 @@ def _to_unit(pixels: torch.Tensor, name: str) -> torch.Tensor:
     if pixels.dtype == torch.bool:
         return pixels.float()
     if not pixels.is_floating_point():
+        pixels = pixels.to(torch.int64)  # uint16 / uint32 have no min() in torch
         if int(pixels.min()) < 0 or int(pixels.max()) > 255:
             raise ValueError(f"{name}: integer pixels must be in 0-255, got {int(pixels.min())}..{int(pixels.max())}")
         return pixels.float() / 255.0
     pixels = pixels.float()
+    if not torch.isfinite(pixels).all():  # NaN passes every comparison below
+        raise ValueError(f"{name}: pixels must be finite numbers, got NaN or inf")
     low, high = float(pixels.min()), float(pixels.max())
     if low < 0.0 or high > 1.0:
         raise ValueError(f"{name}: float pixels must be in [0, 1] (integers: 0-255), got {low:.3g}..{high:.3g}; "

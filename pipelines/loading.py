@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from latentloom.pipelines.defaults import CallDefaults, default_device, resolve_dtype
+from latentloom.pipelines.defaults import CallDefaults, resolve_device, resolve_dtype
 from latentloom.pipelines.pipeline import Pipeline
 from latentloom.samplers.schedules import ScheduleConfig
 
@@ -51,7 +51,7 @@ def load_pipeline(
     unet_config: the `UNetConfig` of a single-file checkpoint whose UNet is not SD-shaped
     (by default it is inferred from the weights).
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if path is None:
         folder = bundled_model_dir()

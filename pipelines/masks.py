@@ -84,6 +84,10 @@ def _unit(values: torch.Tensor) -> torch.Tensor:
     """Mask values -> float32 in [0, 1]: bool 0/1, integers 0-255, floats 0-1 (or 0-255 if above 1)."""
     if values.dtype == torch.bool:
         return values.float()
+    if values.is_floating_point() and not torch.isfinite(values).all():  # NaN passes every comparison below
+        raise ValueError("mask_image values must be finite numbers, got NaN or inf")
+    if not values.is_floating_point():
+        values = values.to(torch.int64)  # uint16 / uint32 have no min() in torch
     low, high = float(values.min()), float(values.max())
     if low < 0 or high > 255:
         raise ValueError(f"mask_image values must be in 0-1 or 0-255, got {low:.3g}..{high:.3g}")

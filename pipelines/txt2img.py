@@ -7,7 +7,7 @@ import torch
 
 import latentloom
 from latentloom.pipelines.common import (
-    build_denoiser, check_float, check_int, check_negative, check_output_type, check_prompt_list,
+    build_denoiser, check_bool, check_float, check_int, check_negative, check_output_type, check_prompt_list,
     check_size, latents_to_output, make_generators, repeat_cond, run_sampler, text_conditions,
 )
 from latentloom.pipelines.output import PipelineOutput
@@ -59,7 +59,8 @@ def text_to_image(
     get_sampler(sampler)  # unknown names fail before any work
     per_prompt = check_int(num_images_per_prompt, "num_images_per_prompt", low=1, high=64)
     output_type = check_output_type(output_type)
-    karras = pipe.schedule_config.use_karras_sigmas if karras_sigmas is None else bool(karras_sigmas)
+    karras = pipe.schedule_config.use_karras_sigmas if karras_sigmas is None else check_bool(karras_sigmas,
+                                                                                             "karras_sigmas")
     batch = len(prompts) * per_prompt
     generator, seeds = make_generators(seed=seed, generator=generator, batch=batch)
 
