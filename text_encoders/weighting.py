@@ -13,6 +13,7 @@ Weights may be 0 or negative; what they do to an embedding is the encoder's busi
 """
 from __future__ import annotations
 
+import math
 import re
 import warnings
 
@@ -85,6 +86,13 @@ def parse_prompt_weights(text: str) -> list[tuple[str, float]]:
             stacklevel=2,
         )
 
+    # "(a:999...9)" or thousands of nested brackets overflow a float: an inf or NaN weight would
+    # turn the embedding, and so the image, into NaN
+    broken = [(fragment, weight) for fragment, weight in runs if fragment and not math.isfinite(weight)]
+    if broken:
+        fragment, weight = broken[0]
+        raise ValueError(f"prompt weight {weight} of {fragment[:40]!r} is not a finite number (too large a "
+                         "weight or too deep a nesting of brackets); weights must stay within float range")
     merged: list[tuple[str, float]] = []
     for fragment, weight in runs:
         if not fragment:
