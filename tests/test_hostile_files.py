@@ -325,3 +325,77 @@ def test_latentloom_unet_weights_that_do_not_fit(latentloom_unet_folder):
     (latentloom_unet_folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="model.safetensors.*does not match"):
         UNet.from_pretrained(latentloom_unet_folder)
+
+
+# ---------------------------------------------------------------- training checkpoints, LoRA, image-text, shards
+@pytest.fixture
+def checkpoint(tmp_path):
+    from latentloom.training.checkpoint import save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    gens = {"noise": torch.Generator().manual_seed(0)}
+    folder = save_checkpoint(tmp_path, step=1, model_state=model.state_dict(), optimizer=optimizer,
+                             lr_scheduler=scheduler, ema_state=model.state_dict(), generators=gens, state={})
+    return folder, optimizer, scheduler, gens
+
+
+@pytest.mark.parametrize("name, kind", [("model.safetensors", "truncated"), ("ema.safetensors", "git_lfs_pointer"),
+                                        ("optimizer.safetensors", "trailing_bytes"),
+                                        ("rng-0.safetensors", "overlapping_offsets")])
+def test_broken_training_checkpoint(checkpoint, name, kind):
+    from latentloom.training.checkpoint import load_checkpoint
+
+    folder, optimizer, scheduler, gens = checkpoint
+    match = _corrupt(folder / name, kind)
+    with pytest.raises(ValueError, match=match) as info:
+        load_checkpoint(folder, optimizer=optimizer, lr_scheduler=scheduler, generators=gens)
+    assert str(folder / name) in str(info.value)
+
+
+@pytest.mark.parametrize("name, text", [("state.json", "{cut"), ("optimizer.json", "[]"), ("rng-0.json", "")])
+def test_broken_training_checkpoint_json(checkpoint, name, text):
+    from latentloom.training.checkpoint import load_checkpoint
+
+    folder, optimizer, scheduler, gens = checkpoint
+    (folder / name).write_text(text)
+    with pytest.raises(ValueError, match=name):
+        load_checkpoint(folder, optimizer=optimizer, lr_scheduler=scheduler, generators=gens)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "git_lfs_pointer", "header_length_past_end"])
+def test_broken_lora_file(tmp_path, kind):
+    from latentloom.training.lora import read_lora_file
+
+    path = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 4), "lora_unet_x.lora_up.weight": torch.ones(4, 2)},
+              str(path))
+    match = _corrupt(path, kind)
+    with pytest.raises(ValueError, match=match):
+        read_lora_file(path)
+
+
+def test_broken_image_text_model(tmp_path):
+    from latentloom.training.image_text import ImageTextConfig, ImageTextModel
+
+    folder = tmp_path / "clip"
+    ImageTextModel(ImageTextConfig()).save_pretrained(folder)
+    _corrupt(folder / "model.safetensors", "trailing_bytes")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        ImageTextModel.from_pretrained(folder)
+    ImageTextModel(ImageTextConfig()).save_pretrained(folder)
+    _rewrite(folder / "model.safetensors", lambda s: s.pop(sorted(s)[0]))
+    with pytest.raises(ValueError, match="does not fit"):
+        ImageTextModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("weight_map", [{"x": "../../outside.safetensors"}, {"x": "/etc/passwd"}, ["not", "a", "map"]])
+def test_sharded_index_cannot_point_outside_the_folder(folder_copy, weight_map):
+    unet = folder_copy / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match="index.json"):
+        latentloom.load_pipeline(folder_copy, device="cpu")

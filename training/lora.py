@@ -177,6 +177,9 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA files are read from .safetensors only, got {path.name!r}")
+    from latentloom.weight_files import check_safetensors
+
+    check_safetensors(path)  # a broken or git-lfs pointer file: ValueError naming it
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
