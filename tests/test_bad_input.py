@@ -240,3 +240,32 @@ def test_unusable_devices_are_clear_errors(folder, capsys):
         latentloom.load_pipeline(folder, device=3.5)
     assert cli_main(["generate", "x", "--model", str(folder), "--device", "tpu", "--no-progress"]) == 2
     assert "device 'tpu' cannot be used" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- upscaling
+@pytest.fixture(scope="module")
+def upscaler(tmp_path_factory):
+    from builders import tiny_upscale_pipeline
+
+    folder = save_sd_folder(tiny_upscale_pipeline(), tmp_path_factory.mktemp("x2"))
+    return latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(image=np.full((8, 8, 3), np.nan, np.float32)), ValueError, "finite"),
+    (dict(image=np.zeros((4096, 4096, 3), np.uint8)), ValueError, "larger than"),
+    (dict(image=[picture(0, 8)] * 3, prompt=["a", "b"]), ValueError, "3 images in image for 2 prompts"),
+    (dict(noise_level=20.5), TypeError, "noise_level must be an int"),
+    (dict(noise_level=-1), ValueError, "noise_level must be in"),
+    (dict(image=None), TypeError, "image must be"),
+])
+def test_upscale_errors(upscaler, kwargs, error, match):
+    kwargs = {"prompt": "a red circle", "image": picture(0, 8), **kwargs}
+    prompt = kwargs.pop("prompt")
+    with pytest.raises(error, match=match):
+        upscaler.upscale(prompt, **kwargs, **EDIT)
+
+
+def test_upscale_smallest_image(upscaler):
+    out = upscaler.upscale("a red circle", image=picture(0, 1), seed=0, **EDIT).images
+    _valid(out, size=upscaler.vae_scale_factor)
