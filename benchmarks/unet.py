@@ -59,12 +59,18 @@ def main() -> None:
     p.add_argument("--modes", default="fp32,bf16-cl", help=f"comma list of {list(MODES)}")
     p.add_argument("--runs", type=int, default=3, help="timed forwards per model and mode")
     p.add_argument("--backend", default="sdpa", help="latentloom attention backend")
-    p.add_argument("--profile", action="store_true", help="print latentloom's top ops (torch.profiler)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: leave torch's default). With 1 thread the CPU-time "
+                        "ratio measures the work itself, undisturbed by other jobs on shared cores")
+    p.add_argument("--profile", action="store_true", help="print both models' top ops (torch.profiler)")
     args = p.parse_args()
 
     from diffusers import UNet2DConditionModel
 
     from latentloom.unet import UNet, UNetConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cfg = getattr(UNetConfig, args.preset)()
     torch.manual_seed(0)
@@ -91,6 +97,7 @@ def main() -> None:
         x, c = x32.to(dtype).contiguous(memory_format=fmt), c32.to(dtype)
         models = {"diffusers": lambda: ref(x, t, c).sample, "latentloom": lambda: ours(x, t, c)}
         times: dict[str, list[float]] = {k: [] for k in models}
+        cpu: dict[str, list[float]] = {k: [] for k in models}
         peaks: dict[str, int] = {k: 0 for k in models}
         outs = {}
         with torch.inference_mode():
@@ -100,33 +107,39 @@ def main() -> None:
                 order = list(models) if r % 2 == 0 else list(models)[::-1]
                 for name in order:
                     with PeakRSS() as mem:
-                        t1 = time.perf_counter()
+                        t1, c1 = time.perf_counter(), time.process_time()
                         models[name]()
                         times[name].append(time.perf_counter() - t1)
+                        cpu[name].append(time.process_time() - c1)
                     peaks[name] = max(peaks[name], mem.peak - mem.start)
             if args.profile:
                 from torch.profiler import ProfilerActivity, profile
 
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    models["latentloom"]()
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+                for name, f in models.items():
+                    with profile(activities=[ProfilerActivity.CPU]) as prof:
+                        f()
+                    print(f"--- {mode} {name}")
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
         med = {k: statistics.median(v) for k, v in times.items()}
         # Neighbouring runs share the machine's momentary load: the median of the per-run
         # ratios is steadier than the ratio of medians when other jobs come and go.
         paired = statistics.median(o / d for o, d in zip(times["latentloom"], times["diffusers"]))
+        cpu_ratio = statistics.median(cpu["latentloom"]) / statistics.median(cpu["diffusers"])
         diff = (outs["latentloom"] - outs["diffusers"]).abs().max().item()
         scale = outs["diffusers"].abs().max().item()
         rows.append((mode, med["diffusers"], med["latentloom"], med["latentloom"] / med["diffusers"],
-                     paired, peaks["diffusers"], peaks["latentloom"], diff / scale))
-        print(f"  {mode}: diffusers {times['diffusers']}  latentloom {times['latentloom']}", flush=True)
+                     paired, cpu_ratio, peaks["diffusers"], peaks["latentloom"], diff / scale))
+        for name in models:
+            print(f"  {mode} {name}: wall {[round(v, 3) for v in times[name]]}  "
+                  f"cpu {[round(v, 3) for v in cpu[name]]}", flush=True)
 
-    print(f"\n{'mode':8} {'diffusers s':>12} {'latentloom s':>13} {'ratio':>6} {'paired':>7} "
+    print(f"\n{'mode':8} {'diffusers s':>12} {'latentloom s':>13} {'ratio':>6} {'paired':>7} {'cpu':>5} "
           f"{'dRSS diff. GB':>14} {'dRSS ll GB':>11} {'max|diff|/scale':>16}")
-    for mode, d, o, ratio, paired, pd, po, rel in rows:
-        print(f"{mode:8} {d:12.3f} {o:13.3f} {ratio:6.2f} {paired:7.2f} {pd / 1e9:14.2f} "
+    for mode, d, o, ratio, paired, cr, pd, po, rel in rows:
+        print(f"{mode:8} {d:12.3f} {o:13.3f} {ratio:6.2f} {paired:7.2f} {cr:5.2f} {pd / 1e9:14.2f} "
               f"{po / 1e9:11.2f} {rel:16.2e}")
-    print("ratio = median latentloom / median diffusers; paired = median of per-run ratios; "
-          "dRSS = peak RSS growth during one forward")
+    print("ratio = median latentloom / median diffusers (wall); paired = median of per-run wall "
+          "ratios; cpu = ratio of median process CPU seconds; dRSS = peak RSS growth in one forward")
     print(f"process peak RSS {_maxrss_gb():.2f} GB")
 
 

@@ -116,11 +116,13 @@ def test_ldm_state_dict_loads_and_matches(name):
     for key, value in ref.state_dict().items():
         assert torch.equal(back[key], value), key
 
-    from_ldm = UNet.from_ldm_state_dict(ldm, config=ours.config)
-    x, t, context, mask, labels = make_inputs(ref, seed=4)
-    with torch.no_grad():
-        assert_close(from_ldm(x, t, context, context_mask=mask, class_labels=labels),
-                     ref(x, t, context, encoder_attention_mask=mask, class_labels=labels).sample)
+    # Loaded from LDM keys = loaded from diffusers, tensor for tensor (whose forward is
+    # checked against diffusers above).
+    from_ldm = UNet.from_ldm_state_dict(ldm, config=ours.config).state_dict()
+    expected_ours = ours.state_dict()
+    assert sorted(from_ldm) == sorted(expected_ours)
+    for key, value in expected_ours.items():
+        assert torch.equal(from_ldm[key], value), key
 
 
 def test_infer_config_from_ldm_shapes_of_sd1_sd2_inpaint():
