@@ -237,10 +237,12 @@ def _spaced_timesteps(spacing: str, n: int, T: int, steps_offset: int, *, kind: 
 
 
 def _check_range(ts: np.ndarray, T: int, steps_offset: int) -> None:
-    if np.any(ts > T - 1) or np.any(ts < 0):
+    outside = np.asarray(ts)[(np.asarray(ts) > T - 1) | (np.asarray(ts) < 0)]
+    if outside.size:
+        shown = ", ".join(str(v) for v in outside[:5].tolist()) + (" ..." if outside.size > 5 else "")
         raise ValueError(
-            f"timesteps {np.asarray(ts).tolist()} fall outside [0, {T - 1}]: lower steps_offset ({steps_offset}) "
-            "or num_inference_steps"
+            f"{outside.size} of {np.asarray(ts).size} timesteps fall outside [0, {T - 1}] ({shown}): lower "
+            f"steps_offset ({steps_offset}) or num_inference_steps"
         )
 
 
