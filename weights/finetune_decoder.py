@@ -1,0 +1,92 @@
+"""Fine-tune only the decoder of a trained VAE (encoder frozen), used for the bundled model.
+
+Why: the UNet is trained on cached latents of the VAE's encoder; a frozen encoder keeps
+those latents (and the scaling factor) valid, so the decoder can keep improving while,
+or after, the UNet trains. Loss: the VAE task's per-pixel |x - x_hat| + (x - x_hat)^2 on
+decodes of posterior samples (as in `latentloom train --model vae`).
+
+    python -m latentloom.weights.finetune_decoder --vae OUT/vae --data DATA --steps 600 --output OUT/vae
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vae", required=True, help="a VAE folder (config.json + safetensors)")
+    parser.add_argument("--data", required=True, help="a make-shapes folder (PNG + metadata.jsonl)")
+    parser.add_argument("--output", required=True, help="where the VAE folder is written (may equal --vae)")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save-every", type=int, default=100)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1:
+        raise ValueError(f"--steps and --batch-size must be >= 1, got {args.steps}, {args.batch_size}")
+
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL.from_pretrained(args.vae, use_safetensors=True)
+    vae.requires_grad_(False)
+    trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    files = [json.loads(line)["file_name"] for line in open(Path(args.data) / "metadata.jsonl")]
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def load(names: list[str]) -> torch.Tensor:  # (B, 3, H, W) in [-1, 1]
+        arrays = [np.asarray(Image.open(Path(args.data) / n).convert("RGB"), dtype=np.float32) for n in names]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+    def save(step: int) -> None:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+        vae.save_pretrained(tmp, safe_serialization=True)
+        old = out.parent / f".old-{out.name}-{step}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+
+    start, loss_ema = time.perf_counter(), float("nan")
+    for step in range(1, args.steps + 1):
+        lr = args.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps))  # cosine to 0
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index = torch.randint(0, len(files), (args.batch_size,), generator=generator).tolist()
+        pixels = load([files[i] for i in index])
+        with torch.no_grad():
+            z = vae.encode(pixels).latent_dist.sample(generator=generator)  # (B, 4, h, w)
+        diff = vae.decode(z).sample - pixels
+        loss = (diff.abs() + diff.pow(2)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_ema = loss.item() if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * loss.item()
+        if step % 10 == 0:
+            rate = step * args.batch_size / (time.perf_counter() - start)
+            print(json.dumps({"step": step, "loss": loss.item(), "loss_ema": loss_ema, "lr": lr,
+                              "images_per_s": rate}), flush=True)
+        if step % args.save_every == 0 or step == args.steps:
+            save(step)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
