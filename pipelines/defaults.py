@@ -15,6 +15,7 @@ class CallDefaults:
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     sampler: str = "dpmpp_2m"
+    clip_guidance_scale: float = 0.0  # models that bring an image-text model may turn it on
 
 
 def default_device() -> torch.device:

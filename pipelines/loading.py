@@ -94,8 +94,6 @@ def load_folder(folder: Path) -> Pipeline:
 
 def load_diffusers_folder(folder: Path, index: dict[str, Any]) -> Pipeline:
     """A diffusers StableDiffusionPipeline folder: our UNet, diffusers' VAE, transformers' CLIP."""
-    from diffusers import AutoencoderKL
-
     from latentloom.text_encoders import CLIPEncoder
     from latentloom.unet import UNet
 
@@ -142,6 +140,7 @@ def load_latentloom_folder(folder: Path, *, name: str) -> Pipeline:
         height=int(call.get("height", resolution)), width=int(call.get("width", resolution)),
         num_inference_steps=int(call.get("num_inference_steps", 20)),
         guidance_scale=float(call.get("guidance_scale", 5.0)), sampler=str(call.get("sampler", "dpmpp_2m")),
+        clip_guidance_scale=float(call.get("clip_guidance_scale", 0.0)),
     )
     clip_model = None
     if (folder / "clip").is_dir():

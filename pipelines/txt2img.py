@@ -1,19 +1,15 @@
 """Text to image: encode the prompt, draw noise, make sigmas, sample, decode, record the recipe."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-import latentloom
 from latentloom.pipelines.common import (
-    build_denoiser, check_bool, check_float, check_int, check_negative, check_output_type, check_prompt_list,
-    check_size, latents_to_output, make_generators, repeat_cond, run_sampler, text_conditions,
+    call_recipes, call_sigmas, check_float, check_size, guided_denoiser, latents_to_output, parse_call, run_sampler,
 )
 from latentloom.pipelines.output import PipelineOutput
-from latentloom.samplers import get_sampler
 from latentloom.samplers.noise import final_latents, initial_latents, randn
-from latentloom.samplers.schedules import make_sigmas
 
 
 @torch.no_grad()
@@ -32,7 +28,7 @@ def text_to_image(
     generator: torch.Generator | list[torch.Generator] | None = None,
     seed: int | None = None,
     num_images_per_prompt: int = 1,
-    clip_guidance_scale: float = 0.0,
+    clip_guidance_scale: float | None = None,
     output_type: str = "pil",
     callback: Callable | None = None,
     progress: bool = True,
@@ -46,56 +42,30 @@ def text_to_image(
     image as diffusers with the same weights and sampler. `sampler` is a name from
     `latentloom.samplers.SAMPLERS`. Returns `PipelineOutput(images, recipes)`.
     """
+    call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
+                      karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
+                      output_type=output_type, seed=seed, generator=generator)
     d = pipe.defaults
-    prompts = check_prompt_list(prompt)
-    negatives = check_negative(negative_prompt, len(prompts))
-    steps = check_int(d.num_inference_steps if num_inference_steps is None else num_inference_steps,
-                      "num_inference_steps", low=1, high=pipe.schedule.num_train_timesteps)
-    scale = check_float(d.guidance_scale if guidance_scale is None else guidance_scale, "guidance_scale", low=0.0)
-    rescale = check_float(guidance_rescale, "guidance_rescale", low=0.0, high=1.0)
-    clip_scale = check_float(clip_guidance_scale, "clip_guidance_scale", low=0.0)
     height, width = check_size(pipe, d.height if height is None else height, d.width if width is None else width)
-    sampler = sampler or d.sampler
-    get_sampler(sampler)  # unknown names fail before any work
-    per_prompt = check_int(num_images_per_prompt, "num_images_per_prompt", low=1, high=64)
-    output_type = check_output_type(output_type)
-    karras = pipe.schedule_config.use_karras_sigmas if karras_sigmas is None else check_bool(karras_sigmas,
-                                                                                             "karras_sigmas")
-    batch = len(prompts) * per_prompt
-    generator, seeds = make_generators(seed=seed, generator=generator, batch=batch)
+    if clip_guidance_scale is None:  # the model's default; 0 unless it ships an image-text model
+        clip_guidance_scale = d.clip_guidance_scale if pipe.clip_model is not None else 0.0
+    clip_scale = check_float(clip_guidance_scale, "clip_guidance_scale", low=0.0)
 
-    guided = scale > 1.0
-    cond, uncond = text_conditions(pipe, prompts, negatives, guided=guided)
-    cond = repeat_cond(cond, per_prompt)
-    uncond = repeat_cond(uncond, per_prompt) if uncond is not None else None
-    denoiser = build_denoiser(pipe, cond=cond, uncond=uncond, guidance_scale=scale, guidance_rescale=rescale)
+    denoiser = guided_denoiser(pipe, call)
     if clip_scale > 0:
         from latentloom.pipelines.clip_guided import add_clip_guidance
 
-        denoiser = add_clip_guidance(pipe, denoiser, [p for p in prompts for _ in range(per_prompt)], clip_scale)
+        prompts = [p for p in call.prompts for _ in range(call.per_prompt)]
+        denoiser = add_clip_guidance(pipe, denoiser, prompts, clip_scale)
 
-    cfg = pipe.schedule_config
-    sigmas = make_sigmas(pipe.schedule, steps, sampler=sampler, timestep_spacing=cfg.timestep_spacing,
-                         steps_offset=cfg.steps_offset, karras=karras, set_alpha_to_one=cfg.set_alpha_to_one)
+    sigmas = call_sigmas(pipe, call)
     f = pipe.vae_scale_factor
-    shape = (batch, pipe.latent_channels, height // f, width // f)
-    noise = randn(shape, generator=generator, device=pipe.device, dtype=torch.float32)
-    x = initial_latents(noise, sigmas, sampler=sampler, timestep_spacing=cfg.timestep_spacing)
-    x = run_sampler(sampler, denoiser, x, sigmas.to(pipe.device), generator=generator,
+    shape = (call.batch, pipe.latent_channels, height // f, width // f)
+    noise = randn(shape, generator=call.generator, device=pipe.device, dtype=torch.float32)
+    x = initial_latents(noise, sigmas, sampler=call.sampler, timestep_spacing=pipe.schedule_config.timestep_spacing)
+    x = run_sampler(call.sampler, denoiser, x, sigmas.to(pipe.device), generator=call.generator,
                     callback=callback, progress=progress)
-    latents = final_latents(x, sigmas)
-    images = latents_to_output(pipe, latents, output_type)
-
-    shared = {
-        "negative_prompt": None, "num_inference_steps": steps, "sampler": sampler, "karras_sigmas": karras,
-        "guidance_scale": scale, "guidance_rescale": rescale, "clip_guidance_scale": clip_scale,
-        "height": height, "width": width, "model": pipe.name, "model_hash": pipe.model_hash(),
-        "dtype": str(pipe.dtype).removeprefix("torch."), "latentloom_version": latentloom.__version__,
-        "task": "txt2img",
-    }
-    recipes = [
-        {**shared, "prompt": prompts[i // per_prompt], "seed": seeds[i],
-         "negative_prompt": negatives[i // per_prompt] if negatives else None}
-        for i in range(batch)
-    ]
+    images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type)
+    recipes = call_recipes(pipe, call, height=height, width=width, task="txt2img", clip_guidance_scale=clip_scale)
     return PipelineOutput(images=images, recipes=recipes)

@@ -31,8 +31,15 @@ def write_component(output: str | os.PathLike, name: str, write: Callable[[Path]
     final = output / name
     try:
         write(tmp)
-        for path in tmp.rglob("*"):
-            if path.is_file():
+        # mkdtemp/mkstemp make owner-only entries; an exported model (e.g. the bundled one, shipped
+        # in the package) must be readable by everyone the umask allows
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in [tmp, *tmp.rglob("*")]:
+            if path.is_dir():
+                os.chmod(path, 0o777 & ~umask)
+            elif path.is_file():
+                os.chmod(path, 0o666 & ~umask)
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
         if final.exists():
