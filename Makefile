@@ -48,15 +48,20 @@ install-dev: $(VENV)/.installed-dev
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
-# The main job on the bundled model: one image from a prompt, offline.
+# The main job on the bundled model: a handful of prompts into demo/, offline.
+DEMO_PROMPTS = "a red circle on a blue background" \
+	"a large yellow star in the center of a black background" \
+	"a small green square on the left" \
+	"a large purple triangle at the top of a white background" \
+	"a large white circle on the right of a red background"
+
 demo: $(VENV)/.installed
 	@if [ ! -f weights/default/model_index.json ]; then \
-		echo "latentloom: the bundled default model is not there yet (weights/default/ is empty;"; \
-		echo "it arrives with the bundled-model issue). Nothing was generated."; \
+		echo "latentloom: the bundled default model is not in this checkout (weights/default/model_index.json)."; \
+		echo "Nothing was generated."; \
 		exit 1; \
 	fi
-	$(VENV)/bin/latentloom generate "a red circle on a blue background" --seed 0 --output demo.png
-	@echo "wrote demo.png"
+	$(VENV)/bin/latentloom generate $(DEMO_PROMPTS) --seed 0 --no-progress --output demo/shapes.png
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info demo

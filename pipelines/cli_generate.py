@@ -18,7 +18,8 @@ def register(subparsers) -> None:
         description="Make images from a prompt, offline on the bundled model by default. Every PNG carries "
                     "its recipe; `--from IMAGE.png` makes the same image again.",
     )
-    parser.add_argument("prompt", nargs="?", default=None, help="what to draw")
+    parser.add_argument("prompt", nargs="*", default=[],
+                        help="what to draw; several prompts make one image each (NAME-0.png, NAME-1.png, ...)")
     parser.add_argument("--from", dest="from_image", default=None, metavar="IMAGE.png",
                         help="re-create an image from the recipe in its PNG metadata")
     parser.add_argument("--height", type=int, default=None)
@@ -43,16 +44,18 @@ def run(args: argparse.Namespace) -> int:
             return fail(f"{args.from_image} was made with a caller's generator, so its seed is unknown")
         replay = {k: recipe[k] for k in _REPLAYED if recipe.get(k) is not None}
         kwargs = {**replay, **{k: v for k, v in kwargs.items() if k != "num_images_per_prompt"}}
-        if args.prompt is not None:
-            kwargs["prompt"] = args.prompt
+        if len(args.prompt) > 1:
+            return fail("--from re-creates one image: give at most one prompt to replace its recipe's")
+        if args.prompt:
+            kwargs["prompt"] = args.prompt[0]
         if args.model is None:
             args.model = recipe.get("model")
         if args.dtype is None and recipe.get("dtype"):
             args.dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(recipe["dtype"])
-    elif args.prompt is None:
+    elif not args.prompt:
         return fail("give a prompt, or --from IMAGE.png")
     else:
-        kwargs["prompt"] = args.prompt
+        kwargs["prompt"] = args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
     try:
         pipe = load(args)
         out = pipe(**kwargs, progress=not args.no_progress)

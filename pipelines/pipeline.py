@@ -68,8 +68,10 @@ class Pipeline:
         """Move the UNet and VAE (and the text encoder's device; it keeps fp32) and cast the UNet/VAE."""
         device = torch.device(device) if device is not None else self.device
         dtype = resolve_dtype(dtype, device) if dtype is not None else self.dtype
-        self.unet.to(device=device, dtype=dtype)
-        self.vae.to(device=device, dtype=dtype)
+        for module in (self.unet, self.vae):  # skip no-op casts (diffusers warns on every VAE .to(dtype))
+            params = next(module.parameters())
+            if params.device != device or params.dtype != dtype:
+                module.to(device=device, dtype=dtype)
         self.text_encoder.to(device=device)
         if self.clip_model is not None:
             self.clip_model.to(device=device)

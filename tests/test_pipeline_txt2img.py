@@ -163,3 +163,13 @@ def test_missing_bundled_model_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "bundled_model_dir", lambda name="default": tmp_path / "default")
     with pytest.raises(FileNotFoundError, match="bundled default model is not in this install"):
         latentloom.load_pipeline(device="cpu")
+
+
+def test_cli_generate_several_prompts(folder, tmp_path):
+    out = tmp_path / "many" / "shape.png"
+    rc = cli_main(["generate", "a red circle", "a green star", "--model", str(folder), "--seed", "1", "--steps", "2",
+                   "--height", "16", "--width", "16", "--no-progress", "-o", str(out)])
+    assert rc == 0
+    recipes = [latentloom.read_metadata(tmp_path / "many" / f"shape-{i}.png") for i in (0, 1)]
+    assert [r["prompt"] for r in recipes] == ["a red circle", "a green star"]
+    assert [r["seed"] for r in recipes] == [1, 2]
