@@ -1,6 +1,6 @@
 """Write the sample grid of weights/README.md: one row per prompt, one column per seed.
 
-    python -m latentloom.weights.make_grid --output weights/samples.png
+    python -m latentloom.evaluation.sample_grid --output weights/samples.png
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ those latents (and the scaling factor) valid, so the decoder can keep improving 
 or after, the UNet trains. Loss: the VAE task's per-pixel |x - x_hat| + (x - x_hat)^2 on
 decodes of posterior samples (as in `latentloom train --model vae`).
 
-    python -m latentloom.weights.finetune_decoder --vae OUT/vae --data DATA --steps 600 --output OUT/vae
+    python -m latentloom.training.finetune_decoder --vae OUT/vae --data DATA --steps 600 --output OUT/vae
 """
 from __future__ import annotations
 
