@@ -50,13 +50,7 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the killed child runs with one thread; the in-process runs must add floats in the same order
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 
 
 @pytest.fixture(scope="module")

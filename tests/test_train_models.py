@@ -18,12 +18,7 @@ UNET = dict(channels=[8, 16], layers_per_level=1, attention_levels=[False, True]
             context_dim=384, norm_groups=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+ONE_TORCH_THREAD = True  # see conftest.one_torch_thread
 
 
 @pytest.fixture(scope="module")
