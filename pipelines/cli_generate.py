@@ -7,6 +7,9 @@ from latentloom.pipelines.cli_common import (
     SAMPLING_NAMES, add_model_arguments, add_sampling_arguments, call_kwargs, fail, load, report_saved,
 )
 
+# --vae-tiling choice -> the pipeline's vae_tiling argument
+VAE_TILING = {"auto": None, "on": True, "off": False}
+
 # recipe keys that `--from` passes back to the pipeline call
 _REPLAYED = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "guidance_rescale", "sampler",
              "karras_sigmas", "seed", "clip_guidance_scale", "height", "width")
@@ -24,6 +27,9 @@ def register(subparsers) -> None:
                         help="re-create an image from the recipe in its PNG metadata")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--vae-tiling", choices=sorted(VAE_TILING), default="auto",
+                        help="decode the latents in overlapping VAE tiles: auto = only for images large enough "
+                             "to need it (1024 px and up on Stable Diffusion), on, off (default: auto)")
     add_model_arguments(parser)
     add_sampling_arguments(parser)
     parser.set_defaults(func=run)
@@ -31,6 +37,9 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     kwargs = call_kwargs(args, SAMPLING_NAMES + ("height", "width"))
+    tiling = VAE_TILING[getattr(args, "vae_tiling", "auto")]
+    if tiling is not None:
+        kwargs["vae_tiling"] = tiling
     if args.from_image is not None:
         from latentloom.pipelines.metadata import read_metadata
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from latentloom.pipelines.vae import decode_latents, images_to_numpy, numpy_to_pil
+from latentloom.pipelines.vae import check_tiling, decode_latents, images_to_numpy, numpy_to_pil
 from latentloom.samplers import get_sampler
 from latentloom.samplers.denoiser import Denoiser
 from latentloom.samplers.guidance import CFGDenoiser
@@ -229,11 +229,12 @@ def run_sampler(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, g
         bar.close()
 
 
-def latents_to_output(pipe, latents: torch.Tensor, output_type: str):
-    """Decode latents and format them as `output_type` ("pil", "np" or "latent")."""
+def latents_to_output(pipe, latents: torch.Tensor, output_type: str, *, vae_tiling: bool | None = None):
+    """Decode latents and format them as `output_type` ("pil", "np" or "latent"); `vae_tiling` as in
+    `vae.decode_latents` (None: automatic)."""
     if output_type == "latent":
         return latents
-    array = images_to_numpy(decode_latents(pipe.vae, latents))
+    array = images_to_numpy(decode_latents(pipe.vae, latents, tiling=vae_tiling))
     return array if output_type == "np" else numpy_to_pil(array)
 
 
@@ -259,6 +260,7 @@ class CallArgs:
     output_type: str
     generator: Any
     seeds: list[int | None]
+    vae_tiling: bool | None = None  # None: decode_latents chooses by size
 
     @property
     def batch(self) -> int:
@@ -267,7 +269,7 @@ class CallArgs:
 
 def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: Any, guidance_scale: Any,
                guidance_rescale: Any, sampler: Any, karras_sigmas: Any, num_images_per_prompt: Any,
-               output_type: Any, seed: Any, generator: Any) -> CallArgs:
+               output_type: Any, seed: Any, generator: Any, vae_tiling: Any = None) -> CallArgs:
     """Check the shared arguments (None = the model's default) before any work is done."""
     d = pipe.defaults
     prompts = check_prompt_list(prompt)
@@ -282,9 +284,10 @@ def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: 
     output_type = check_output_type(output_type)
     karras = pipe.schedule_config.use_karras_sigmas if karras_sigmas is None else check_bool(karras_sigmas,
                                                                                              "karras_sigmas")
+    vae_tiling = check_tiling(vae_tiling)
     generator, seeds = make_generators(seed=seed, generator=generator, batch=len(prompts) * per_prompt)
     return CallArgs(prompts, negatives, steps, scale, rescale, sampler, karras, per_prompt, output_type,
-                    generator, seeds)
+                    generator, seeds, vae_tiling)
 
 
 def call_sigmas(pipe, call: CallArgs) -> torch.Tensor:

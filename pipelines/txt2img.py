@@ -32,6 +32,7 @@ def text_to_image(
     output_type: str = "pil",
     callback: Callable | None = None,
     progress: bool = True,
+    vae_tiling: bool | None = None,
 ) -> PipelineOutput:
     """Make images from `prompt` (a str or a list of str).
 
@@ -40,12 +41,14 @@ def text_to_image(
     `seed=s` makes image i from seed s + i, so any image of a batch can be re-made alone;
     `generator` is used exactly as diffusers uses it, so the same generator gives the same
     image as diffusers with the same weights and sampler. `sampler` is a name from
-    `latentloom.samplers.SAMPLERS`. Returns `PipelineOutput(images, recipes)`.
+    `latentloom.samplers.SAMPLERS`. `vae_tiling`: None decodes large images in VAE tiles
+    (see `latentloom.pipelines.vae.decode_latents`), True / False force it. Returns
+    `PipelineOutput(images, recipes)`.
     """
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
                       karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
-                      output_type=output_type, seed=seed, generator=generator)
+                      output_type=output_type, seed=seed, generator=generator, vae_tiling=vae_tiling)
     d = pipe.defaults
     height, width = check_size(pipe, d.height if height is None else height, d.width if width is None else width)
     if clip_guidance_scale is None:  # the model's default; 0 unless it ships an image-text model
@@ -66,6 +69,6 @@ def text_to_image(
     x = initial_latents(noise, sigmas, sampler=call.sampler, timestep_spacing=pipe.schedule_config.timestep_spacing)
     x = run_sampler(call.sampler, denoiser, x, sigmas.to(pipe.device), generator=call.generator,
                     callback=callback, progress=progress)
-    images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type)
+    images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type, vae_tiling=call.vae_tiling)
     recipes = call_recipes(pipe, call, height=height, width=width, task="txt2img", clip_guidance_scale=clip_scale)
     return PipelineOutput(images=images, recipes=recipes)
