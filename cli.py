@@ -24,6 +24,7 @@ _SUBCOMMANDS: list[str] = [
     "latentloom.training.cli_data:register",
     "latentloom.training.cli_train:register",
     "latentloom.evaluation.cli_eval:register",
+    "latentloom.benchmarking.cli_bench:register",
 ]
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks of latentloom against diffusers on identical weights (`latentloom bench`)."""
