@@ -60,18 +60,21 @@ def diffusers_unet(preset: str, *, seed: int = 0):
     return UNet2DConditionModel(**unet_config(preset).to_diffusers_config()).eval()
 
 
+def vae_config(preset: str) -> dict[str, Any]:
+    """AutoencoderKL arguments: SD's four levels (factor 8); SD's widths for sd15."""
+    widths, groups = ((128, 256, 512, 512), 32) if check_preset(preset) == "sd15" else ((16, 32, 32, 32), 8)
+    return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=widths,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2 if preset == "sd15" else 1, norm_num_groups=groups, act_fn="silu",
+                sample_size=512, scaling_factor=0.18215)
+
+
 def vae(preset: str, *, seed: int = 0):
-    """AutoencoderKL with SD's four levels (factor 8), SD's widths for sd15."""
     from diffusers import AutoencoderKL
 
-    widths, groups = ((128, 256, 512, 512), 32) if check_preset(preset) == "sd15" else ((16, 32, 32, 32), 8)
+    config = vae_config(preset)
     torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=widths,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2 if preset == "sd15" else 1, norm_num_groups=groups, act_fn="silu",
-        sample_size=512, scaling_factor=0.18215,
-    ).eval()
+    return AutoencoderKL(**config).eval()
 
 
 def byte_vocab() -> dict[str, int]:
@@ -98,9 +101,9 @@ def tokenizer(folder: str | Path | None = None):
     return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
 
 
-def text_model(preset: str, *, seed: int = 0):
-    """CLIPTextModel: SD 1.5's text config (12 layers, 768 wide, 12 heads, 77 positions) or a 2-layer 64-wide one."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def text_config(preset: str):
+    """CLIPTextConfig: SD 1.5's (12 layers, 768 wide, 12 heads, 77 positions) or a 2-layer 64-wide one."""
+    from transformers import CLIPTextConfig
 
     if check_preset(preset) == "sd15":
         shape = dict(vocab_size=SD15_VOCAB_SIZE, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -108,8 +111,14 @@ def text_model(preset: str, *, seed: int = 0):
     else:
         shape = dict(vocab_size=len(byte_vocab()), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=2, projection_dim=64)
-    config = CLIPTextConfig(**shape, max_position_embeddings=77, hidden_act="quick_gelu",
-                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPTextConfig(**shape, max_position_embeddings=77, hidden_act="quick_gelu",
+                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def text_model(preset: str, *, seed: int = 0):
+    from transformers import CLIPTextModel
+
+    config = text_config(preset)
     torch.manual_seed(seed)
     return CLIPTextModel(config).eval()
 

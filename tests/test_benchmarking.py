@@ -16,6 +16,8 @@ import torch
 from latentloom import cli
 from latentloom.benchmarking import measure, sd_random
 
+ONE_TORCH_THREAD = True  # tests/conftest.py: tiny models run faster on one thread
+
 UNET_HEADER = ["mode", "diffusers s", "latentloom s", "ratio", "paired ratio", "cpu ratio",
                "dRSS diffusers GB", "dRSS latentloom GB", "max rel. diff"]
 SAME_HEADER = ["mode", "diffusers s/step", "latentloom s/step", "step ratio", "diffusers s/image",
@@ -37,8 +39,15 @@ def positive(value) -> bool:
 
 # ------------------------------------------------------------------ the CLI targets
 def test_bench_unet_tiny_table_and_json(tmp_path, capsys):
-    out, data = bench(["unet", "--preset", "tiny", "--runs", "1", "--size", "16", "--modes", "fp32,bf16-cl"],
-                      tmp_path, capsys)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out, data = bench(["unet", "--preset", "tiny", "--runs", "1", "--size", "16", "--modes", "fp32,bf16-cl"],
+                          tmp_path, capsys)
+        assert torch.get_num_threads() == 2  # measured with --threads 1 (the default), then given back
+    finally:
+        torch.set_num_threads(before)
+    assert "1 thread(s)" in data["tables"][0]["title"]
     (table,) = data["tables"]
     assert table["header"] == UNET_HEADER
     assert [row[0] for row in table["rows"]] == ["fp32", "bf16-cl"]
@@ -84,13 +93,6 @@ def test_bench_pipeline_tiny_whole_image_defaults(tmp_path, capsys):
     assert diffusers[4:6] == [None, None] and ours[4:6] == [None, None]  # whole images: no parts
     assert all(positive(v) for v in (diffusers[6], ours[6], ratio[3], ratio[6], ratio[7]))
     assert any("whole images" in note for note in table["notes"])
-
-
-def test_bench_restores_the_thread_count(tmp_path, capsys):
-    before = torch.get_num_threads()
-    bench(["unet", "--preset", "tiny", "--runs", "1", "--size", "8", "--modes", "fp32", "--threads", "1"],
-          tmp_path, capsys)
-    assert torch.get_num_threads() == before
 
 
 BAD_ARGS = [
@@ -186,9 +188,10 @@ def test_sd15_shapes_are_stable_diffusion_1_5():
     from latentloom.unet import UNetConfig
 
     assert sd_random.unet_config("sd15") == UNetConfig.sd15()
-    vae = sd_random.vae("sd15")
-    assert list(vae.config.block_out_channels) == [128, 256, 512, 512] and vae.config.scaling_factor == 0.18215
-    text = sd_random.text_model("sd15").config
+    vae = sd_random.vae_config("sd15")
+    assert list(vae["block_out_channels"]) == [128, 256, 512, 512] and vae["scaling_factor"] == 0.18215
+    assert vae["layers_per_block"] == 2 and vae["latent_channels"] == 4
+    text = sd_random.text_config("sd15")
     assert (text.num_hidden_layers, text.hidden_size, text.max_position_embeddings) == (12, 768, 77)
 
 
