@@ -1,0 +1,256 @@
+"""Peak memory of one whole image, diffusers against latentloom, each at its defaults.
+
+A process's peak RSS never goes down, so every (library, resolution) case runs in a fresh
+child process (`python -m latentloom.benchmarking.memory_bench --child SPEC`) that builds only
+its own library's model from SD-1.5-sized random weights (`sd_random`), makes one image
+(text encoding, `--steps` denoising steps with classifier-free guidance, VAE decode: the peak
+is reached within those) and reports two numbers:
+
+peak RSS     getrusage's ru_maxrss at the end: the whole process, model building included.
+image peak   RSS polled every 2 ms during the image call alone (building the latentloom UNet
+             from a diffusers module briefly holds two copies; a loaded model does not).
+
+diffusers' defaults: StableDiffusionPipeline as built (fp32, PNDM, no VAE tiling).
+latentloom's defaults: `fast_dtype` + `optimize` (bf16 + channels_last on CPUs with native bf16)
+and `vae_tiling=None` (automatic). Where the automatic choice tiles, a second latentloom row
+with tiling off shows what tiling buys.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from latentloom.benchmarking.measure import Table
+
+PROMPT = "a photograph of an astronaut riding a horse"
+LIBRARIES = ("diffusers", "latentloom")
+TILING = {"auto": None, "on": True, "off": False}
+GB = 1e9
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resolutions", default=None,
+                        help="comma list of image sides in pixels, multiples of 64 (default 512,1024; 64,128 "
+                             "with --preset tiny)")
+    parser.add_argument("--steps", type=int, default=1,
+                        help="denoising steps per image (default 1: the peak is the same at every step)")
+    parser.add_argument("--no-untiled-rows", dest="untiled_rows", action="store_false",
+                        help="skip the latentloom row with VAE tiling off where the automatic choice tiles")
+    parser.add_argument("--child-timeout", type=float, default=3600.0,
+                        help="seconds one child process may take (default 3600)")
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Checked settings; ValueError names the bad value and what is accepted."""
+    from latentloom.benchmarking.sd_random import check_preset, check_resolution
+
+    preset = check_preset(getattr(args, "preset", None) or "sd15")
+    text = args.resolutions or ("512,1024" if preset == "sd15" else "64,128")
+    try:
+        sides = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--resolutions must be a comma list of integers such as 512,1024, got {text!r}") from None
+    if not sides:
+        raise ValueError(f"--resolutions must name at least one size, got {text!r}")
+    for side in sides:
+        check_resolution(side)
+    if isinstance(args.steps, bool) or not isinstance(args.steps, int) or args.steps < 1:
+        raise ValueError(f"--steps must be an int >= 1, got {args.steps!r}")
+    if not args.child_timeout > 0:
+        raise ValueError(f"--child-timeout must be > 0 seconds, got {args.child_timeout!r}")
+    threads = getattr(args, "threads", 1)
+    if threads is None or threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {threads!r}")
+    return dict(preset=preset, resolutions=sides, steps=args.steps, threads=threads,
+                untiled_rows=bool(args.untiled_rows), timeout=float(args.child_timeout))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    settings(args)
+
+
+def run(args: argparse.Namespace) -> list[Table]:
+    s = settings(args)
+    table = Table(
+        title=f"Peak memory of one image ({s['preset']}, {s['steps']} denoising step(s) + text encoding + VAE "
+              f"decode, CFG batch 2, CPU, {s['threads'] or 'default'} thread(s), each case in a fresh process)",
+        header=["resolution", "library", "settings", "peak RSS GB", "image peak GB", "weights RSS GB", "s",
+                "ratio latentloom/diffusers"],
+    )
+    for side in s["resolutions"]:
+        reference = measure_case(library="diffusers", preset=s["preset"], resolution=side, steps=s["steps"],
+                                 tiling="auto", threads=s["threads"], timeout=s["timeout"])
+        table.add_row(_row(side, reference, None))
+        ours = measure_case(library="latentloom", preset=s["preset"], resolution=side, steps=s["steps"],
+                            tiling="auto", threads=s["threads"], timeout=s["timeout"])
+        table.add_row(_row(side, ours, reference))
+        if s["untiled_rows"] and ours["tiled"]:
+            untiled = measure_case(library="latentloom", preset=s["preset"], resolution=side, steps=s["steps"],
+                                   tiling="off", threads=s["threads"], timeout=s["timeout"])
+            table.add_row(_row(side, untiled, reference))
+    table.notes += [
+        "peak RSS = the child process's ru_maxrss (model building included); image peak = RSS polled every 2 ms "
+        "during the image call; weights RSS = RSS just before it; ratio = peak RSS latentloom / diffusers",
+        "diffusers at its defaults (StableDiffusionPipeline as built: fp32, PNDM, no VAE tiling); latentloom at "
+        "its defaults (fast_dtype + optimize, vae_tiling automatic); the same random weights (sd_random, seed 0)",
+    ]
+    return [table]
+
+
+def _row(side: int, result: dict[str, Any], reference: dict[str, Any] | None) -> list[Any]:
+    ratio = None if reference is None else result["max_rss"] / reference["max_rss"]
+    return [f"{side}x{side}", result["library"], result["settings"], result["max_rss"] / GB,
+            result["image_peak"] / GB, result["before_image"] / GB, result["seconds"], ratio]
+
+
+def measure_case(*, library: str, preset: str, resolution: int, steps: int, tiling: str, threads: int,
+                 timeout: float = 3600.0) -> dict[str, Any]:
+    """Run one case in a fresh Python process and return what it measured (see `child`)."""
+    if library not in LIBRARIES:
+        raise ValueError(f"library must be one of {list(LIBRARIES)}, got {library!r}")
+    if tiling not in TILING:
+        raise ValueError(f"tiling must be one of {list(TILING)}, got {tiling!r}")
+    spec = json.dumps(dict(library=library, preset=preset, resolution=resolution, steps=steps, tiling=tiling,
+                           threads=threads))
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # before torch starts its pool in the child
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    proc = subprocess.run([sys.executable, "-m", "latentloom.benchmarking.memory_bench", "--child", spec],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"memory case {spec} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------- inside the child process
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build one library's model, make one image, measure (called in a fresh process only)."""
+    import gc
+
+    import torch
+
+    from latentloom.benchmarking.measure import PeakRSS, max_rss_bytes, rss_bytes
+    from latentloom.benchmarking.sd_random import check_preset, check_resolution
+
+    check_preset(spec["preset"])  # before the heavy imports: a bad spec fails fast
+    check_resolution(int(spec["resolution"]))
+    if spec["threads"]:
+        torch.set_num_threads(int(spec["threads"]))
+    side = int(spec["resolution"])
+    make, describe = (_diffusers if spec["library"] == "diffusers" else _latentloom)(spec)
+    gc.collect()
+    before = rss_bytes()
+    t0 = time.perf_counter()
+    with torch.inference_mode(), PeakRSS() as mem:
+        image = make()
+    seconds = time.perf_counter() - t0
+    if image.size != (side, side):
+        raise RuntimeError(f"expected a {side}x{side} image, got {image.size}")
+    return dict(library=spec["library"], settings=describe, max_rss=max_rss_bytes(), image_peak=mem.peak,
+                before_image=before, seconds=seconds, tiled=bool(spec.get("tiled", False)))
+
+
+def _diffusers(spec: dict[str, Any]):
+    import diffusers
+    import torch
+
+    from latentloom.benchmarking import sd_random
+
+    preset, side = spec["preset"], int(spec["resolution"])
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=sd_random.vae(preset, seed=1), text_encoder=sd_random.text_model(preset, seed=2),
+        tokenizer=sd_random.tokenizer(), unet=sd_random.diffusers_unet(preset, seed=0),
+        scheduler=diffusers.PNDMScheduler(**sd_random.SD15_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    spec["tiled"] = bool(pipe.vae.use_tiling)
+    dtype = str(pipe.unet.dtype).removeprefix("torch.")
+
+    def make():
+        generator = torch.Generator().manual_seed(0)
+        return pipe(PROMPT, height=side, width=side, num_inference_steps=int(spec["steps"]),
+                    generator=generator).images[0]
+
+    return make, f"{dtype}, PNDM, VAE tiling {'on' if spec['tiled'] else 'off'}"
+
+
+def _latentloom(spec: dict[str, Any]):
+    import diffusers
+    import torch
+
+    from latentloom.benchmarking import sd_random
+    from latentloom.pipelines.defaults import CallDefaults
+    from latentloom.pipelines.pipeline import Pipeline
+    from latentloom.pipelines.runtime import fast_dtype, optimize
+    from latentloom.pipelines.vae import auto_tiling
+    from latentloom.samplers.schedules import ScheduleConfig
+    from latentloom.text_encoders import CLIPEncoder
+    from latentloom.unet import UNet
+
+    preset, side = spec["preset"], int(spec["resolution"])
+    device = torch.device("cpu")
+    dtype = fast_dtype(device)
+    reference = sd_random.diffusers_unet(preset, seed=0)
+    # cast before converting: the conversion copies the weights, so at most two copies in `dtype`
+    # exist at once instead of an fp32 one beside them
+    reference.to(dtype)
+    unet = UNet.from_diffusers(reference).eval()
+    del reference
+    scheduler = diffusers.PNDMScheduler(**sd_random.SD15_SCHEDULER)
+    pipe = Pipeline(
+        unet=unet, vae=sd_random.vae(preset, seed=1),
+        text_encoder=CLIPEncoder(sd_random.text_model(preset, seed=2), sd_random.tokenizer()),
+        schedule_config=ScheduleConfig.from_diffusers_config(dict(scheduler.config)),
+        name=f"random:{preset}", use_context_mask=False, defaults=CallDefaults(height=side, width=side),
+    )
+    pipe.to(device=device, dtype=dtype)
+    optimize(pipe)
+    tiling = TILING[spec["tiling"]]
+    f = pipe.vae_scale_factor
+    chosen = auto_tiling(pipe.vae, (1, pipe.latent_channels, side // f, side // f)) if tiling is None else tiling
+    spec["tiled"] = chosen
+
+    def make():
+        return pipe(PROMPT, height=side, width=side, num_inference_steps=int(spec["steps"]), seed=0,
+                    vae_tiling=tiling, progress=False).images[0]
+
+    conv = next(p for p in pipe.unet.parameters() if p.ndim == 4 and p.shape[-1] > 1)
+    layout = "channels_last" if conv.is_contiguous(memory_format=torch.channels_last) else ""
+    dtype_name = str(pipe.dtype).removeprefix("torch.") + (f" + {layout}" if layout else "")
+    mode = f"{spec['tiling']} ({'on' if chosen else 'off'})" if tiling is None else spec["tiling"]
+    return make, f"{dtype_name}, {pipe.defaults.sampler}, VAE tiling {mode}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        result = child(json.loads(argv[1]))
+        print(json.dumps(result), flush=True)
+        return 0
+    from latentloom.benchmarking.cli_bench import add_common_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    for table in run(args):
+        table.notes.append(f"command: `python -m latentloom.benchmarking.memory_bench {' '.join(argv)}`".rstrip())
+        print(table.to_markdown(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
