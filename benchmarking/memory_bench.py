@@ -14,6 +14,11 @@ diffusers' defaults: StableDiffusionPipeline as built (fp32, PNDM, no VAE tiling
 latentloom's defaults: `fast_dtype` + `optimize` (bf16 + channels_last on CPUs with native bf16)
 and `vae_tiling=None` (automatic). Where the automatic choice tiles, a second latentloom row
 with tiling off shows what tiling buys.
+
+The "attention" part checks that the UNet's default attention (SDPA) does not write out the
+(tokens x tokens) score matrices at the largest resolution: one forward of the first level's
+self-attention layer per fresh process, against the `chunked` backend and the `math` reference
+(which does materialise them, so it runs one head of one image: all of them would not fit).
 """
 from __future__ import annotations
 
@@ -29,11 +34,16 @@ from latentloom.benchmarking.measure import Table
 
 PROMPT = "a photograph of an astronaut riding a horse"
 LIBRARIES = ("diffusers", "latentloom")
+PARTS = ("image", "attention")
+# backend, dtype, (batch, heads) or None for (2 = CFG, the level's heads)
+ATTENTION_CASES = (("sdpa", "float32", None), ("sdpa", "bfloat16", None), ("chunked", "float32", None),
+                   ("math", "float32", (1, 1)), ("sdpa", "float32", (1, 1)))
 TILING = {"auto": None, "on": True, "off": False}
 GB = 1e9
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--parts", default="image,attention", help=f"comma list of {list(PARTS)}")
     parser.add_argument("--resolutions", default=None,
                         help="comma list of image sides in pixels, multiples of 64 (default 512,1024; 64,128 "
                              "with --preset tiny)")
@@ -66,7 +76,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     threads = getattr(args, "threads", 1)
     if threads is None or threads < 0:
         raise ValueError(f"--threads must be >= 0, got {threads!r}")
-    return dict(preset=preset, resolutions=sides, steps=args.steps, threads=threads,
+    parts = [p.strip() for p in str(getattr(args, "parts", "image")).split(",") if p.strip()]
+    if not parts or any(p not in PARTS for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"--parts must be a comma list of distinct names from {list(PARTS)}, got {args.parts!r}")
+    return dict(preset=preset, resolutions=sides, steps=args.steps, threads=threads, parts=parts,
                 untiled_rows=bool(args.untiled_rows), timeout=float(args.child_timeout))
 
 
@@ -76,6 +89,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> list[Table]:
     s = settings(args)
+    tables = [image_table(s)] if "image" in s["parts"] else []
+    if "attention" in s["parts"]:
+        tables.append(attention_table(s))
+    return tables
+
+
+def image_table(s: dict[str, Any]) -> Table:
     table = Table(
         title=f"Peak memory of one image ({s['preset']}, {s['steps']} denoising step(s) + text encoding + VAE "
               f"decode, CFG batch 2, CPU, {s['threads'] or 'default'} thread(s), each case in a fresh process)",
@@ -99,7 +119,34 @@ def run(args: argparse.Namespace) -> list[Table]:
         "diffusers at its defaults (StableDiffusionPipeline as built: fp32, PNDM, no VAE tiling); latentloom at "
         "its defaults (fast_dtype + optimize, vae_tiling automatic); the same random weights (sd_random, seed 0)",
     ]
-    return [table]
+    return table
+
+
+def attention_table(s: dict[str, Any]) -> Table:
+    from latentloom.benchmarking.sd_random import unet_config
+
+    cfg = unet_config(s["preset"])
+    side = max(s["resolutions"]) // 8
+    tokens = side * side
+    table = Table(
+        title=f"One self-attention layer at {side}x{side} latents ({tokens} tokens, {cfg.channels[0]} wide, "
+              f"{cfg.heads_at(0)} heads: the UNet's first level), latentloom backends, each in a fresh process",
+        header=["backend", "dtype", "batch x heads", "RSS growth GB", "score matrices fp32 GB", "s"],
+    )
+    for backend, dtype, shape in ATTENTION_CASES:
+        batch, heads = shape or (2, cfg.heads_at(0))
+        spec = dict(kind="attention", backend=backend, dtype=dtype, batch=batch, heads=heads,
+                    head_dim=cfg.channels[0] // cfg.heads_at(0), side=side, threads=s["threads"])
+        result = run_child(spec, threads=s["threads"], timeout=s["timeout"])
+        table.add_row([backend, dtype, f"{batch} x {heads}", result["growth"] / GB,
+                       batch * heads * tokens * tokens * 4 / GB, result["seconds"]])
+    table.notes += [
+        "RSS growth = peak RSS during the forward (ru_maxrss and 2 ms polling, the larger) minus RSS before it; "
+        "score matrices = what (batch, heads, tokens, tokens) fp32 scores would take if written out",
+        "math runs one head of one image (its full-size scores would not fit in memory); sdpa at the same "
+        "shape is the like-for-like comparison",
+    ]
+    return table
 
 
 def _row(side: int, result: dict[str, Any], reference: dict[str, Any] | None) -> list[Any]:
@@ -115,8 +162,14 @@ def measure_case(*, library: str, preset: str, resolution: int, steps: int, tili
         raise ValueError(f"library must be one of {list(LIBRARIES)}, got {library!r}")
     if tiling not in TILING:
         raise ValueError(f"tiling must be one of {list(TILING)}, got {tiling!r}")
-    spec = json.dumps(dict(library=library, preset=preset, resolution=resolution, steps=steps, tiling=tiling,
-                           threads=threads))
+    spec = dict(kind="image", library=library, preset=preset, resolution=resolution, steps=steps, tiling=tiling,
+                threads=threads)
+    return run_child(spec, threads=threads, timeout=timeout)
+
+
+def run_child(spec: dict[str, Any], *, threads: int, timeout: float) -> dict[str, Any]:
+    """`python -m latentloom.benchmarking.memory_bench --child SPEC` in a fresh process; its JSON result."""
+    spec = json.dumps(spec)
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # before torch starts its pool in the child
@@ -133,6 +186,8 @@ def measure_case(*, library: str, preset: str, resolution: int, steps: int, tili
 # ---------------------------------------------------------------- inside the child process
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Build one library's model, make one image, measure (called in a fresh process only)."""
+    if spec.get("kind") == "attention":
+        return attention_child(spec)
     import gc
 
     import torch
@@ -156,6 +211,29 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"expected a {side}x{side} image, got {image.size}")
     return dict(library=spec["library"], settings=describe, max_rss=max_rss_bytes(), image_peak=mem.peak,
                 before_image=before, seconds=seconds, tiled=bool(spec.get("tiled", False)))
+
+
+def attention_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One forward of one latentloom self-attention layer on (side x side) latent tokens."""
+    import torch
+
+    from latentloom.benchmarking.measure import PeakRSS, max_rss_bytes
+    from latentloom.unet.attention import check_backend
+    from latentloom.unet.transformer import Attention
+
+    if spec["threads"]:
+        torch.set_num_threads(int(spec["threads"]))
+    dtype = getattr(torch, spec["dtype"])
+    heads, dim = int(spec["heads"]), int(spec["heads"]) * int(spec["head_dim"])
+    torch.manual_seed(0)
+    layer = Attention(dim, heads=heads, context_dim=None, upcast=False, dropout=0.0).eval().to(dtype)
+    layer.backend = check_backend(spec["backend"])
+    x = torch.randn(int(spec["batch"]), int(spec["side"]) ** 2, dim, dtype=dtype)  # (B, N, C)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), PeakRSS() as mem:
+        layer(x)
+    seconds = time.perf_counter() - t0
+    return dict(growth=max(mem.peak, max_rss_bytes()) - mem.start, seconds=seconds)
 
 
 def _diffusers(spec: dict[str, Any]):

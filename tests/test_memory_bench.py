@@ -11,7 +11,7 @@ from latentloom.benchmarking.measure import Table
 
 def memory_args(**overrides):
     args = dict(preset="tiny", resolutions="64", steps=1, untiled_rows=True, child_timeout=600.0, threads=1,
-                runs=None, json=None)
+                runs=None, json=None, parts="image")
     args.update(overrides)
     return argparse.Namespace(**args)
 
@@ -61,7 +61,20 @@ def test_memory_run_adds_an_untiled_row_where_the_automatic_choice_tiles(monkeyp
     assert len(table.rows) == 2 and ("latentloom", 128, "off") not in calls
 
 
+def test_attention_table_measures_each_backend_in_its_own_process(monkeypatch):
+    monkeypatch.setattr(memory_bench, "ATTENTION_CASES", (("sdpa", "float32", None), ("math", "float32", (1, 1))))
+    (table,) = memory_bench.run(memory_args(parts="attention", resolutions="128"))
+    assert "16x16 latents (256 tokens" in table.title
+    assert [row[:3] for row in table.rows] == [["sdpa", "float32", "2 x 2"], ["math", "float32", "1 x 1"]]
+    for row in table.rows:
+        assert len(row) == len(table.header)
+        growth, scores, seconds = row[3:]
+        assert math.isfinite(growth) and growth >= 0 and positive(seconds)
+    assert [row[4] for row in table.rows] == [2 * 2 * 256 * 256 * 4 / 1e9, 256 * 256 * 4 / 1e9]
+
+
 @pytest.mark.parametrize("overrides, match", [
+    (dict(parts="image,vae"), "--parts must be a comma list of distinct names"),
     (dict(resolutions="500"), "resolution must be a multiple of 64"),
     (dict(resolutions="64,abc"), "--resolutions must be a comma list of integers"),
     (dict(resolutions=" , "), "--resolutions must name at least one size"),
