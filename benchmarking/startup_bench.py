@@ -29,7 +29,9 @@ GOALS = {"image": 1.0, "startup": 5.0}  # seconds, from the issue
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--parts", default="bundled,startup", help=f"comma list of {list(PARTS)}")
+    parser.add_argument("--parts", default=None,
+                        help=f"comma list of {list(PARTS)} (default: the bench target's name when it is one "
+                             "of them, else both)")
     parser.add_argument("--steps", type=int, default=None,
                         help="denoising steps per bundled image (default: the model's, 20)")
     parser.add_argument("--prompt", default=PROMPT, help="the prompt of every image")
@@ -37,9 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """Checked settings; ValueError names the bad value and what is accepted."""
-    items = [p.strip() for p in str(args.parts).split(",") if p.strip()]
+    parts = args.parts
+    if parts is None:  # `latentloom bench bundled` / `bench startup` run their own part
+        target = getattr(args, "target", None)
+        parts = target if target in PARTS else ",".join(PARTS)
+    items = [p.strip() for p in str(parts).split(",") if p.strip()]
     if not items or any(p not in PARTS for p in items) or len(set(items)) != len(items):
-        raise ValueError(f"--parts must be a comma list of distinct names from {list(PARTS)}, got {args.parts!r}")
+        raise ValueError(f"--parts must be a comma list of distinct names from {list(PARTS)}, got {parts!r}")
     runs = getattr(args, "runs", None)
     runs = (5 if "bundled" in items else 3) if runs is None else runs
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:

@@ -121,6 +121,12 @@ def test_bundled_and_startup_tables():
         assert positive(row[1]) and positive(row[2]) and len(row[3].split()) == 1
 
 
+def test_startup_parts_default_to_the_bench_target():
+    assert startup_bench.settings(startup_args(parts=None, target="bundled"))["parts"] == ["bundled"]
+    assert startup_bench.settings(startup_args(parts=None, target="startup"))["parts"] == ["startup"]
+    assert startup_bench.settings(startup_args(parts=None))["parts"] == ["bundled", "startup"]
+
+
 def test_time_command_reports_a_failing_command():
     import sys
 
