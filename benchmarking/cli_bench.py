@@ -16,7 +16,12 @@ import sys
 TARGETS: dict[str, str] = {
     "unet": "latentloom.benchmarking.unet_bench",
     "pipeline": "latentloom.benchmarking.pipeline_bench",
+    "memory": "latentloom.benchmarking.memory_bench",
+    "bundled": "latentloom.benchmarking.startup_bench",
+    "startup": "latentloom.benchmarking.startup_bench",
 }
+# defaults that differ per target where two targets share a module
+TARGET_DEFAULTS: dict[str, dict[str, str]] = {"bundled": {"parts": "bundled"}, "startup": {"parts": "startup"}}
 HELP = {
     "unet": "UNet forward: median s, ratio, peak RSS growth, max difference (eager or torch.compile)",
     "pipeline": "end to end: same settings (s/step, s/image, pixel difference) and each library's defaults",
@@ -34,7 +39,7 @@ def register(subparsers) -> None:
         sub = targets.add_parser(name, help=HELP.get(name), description=HELP.get(name))
         add_common_arguments(sub)
         importlib.import_module(module_name).add_arguments(sub)
-        sub.set_defaults(func=_run, bench_module=module_name, bench_parser=sub)
+        sub.set_defaults(func=_run, bench_module=module_name, bench_parser=sub, **TARGET_DEFAULTS.get(name, {}))
     parser.set_defaults(func=lambda args: _no_target(parser))
 
 

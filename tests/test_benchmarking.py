@@ -130,7 +130,12 @@ def test_bad_arguments_are_usage_errors_naming_the_value(argv, names, capsys):
 def test_bench_without_target_prints_help(capsys):
     assert cli.main(["bench"]) == 2
     out = capsys.readouterr().out
-    assert "unet" in out and "pipeline" in out
+    for target in ("unet", "pipeline", "memory", "bundled", "startup"):
+        assert f"    {target} " in out
+    # bundled and startup share a module; each target runs its own part by default
+    parser = cli.build_parser()
+    assert parser.parse_args(["bench", "bundled"]).parts == "bundled"
+    assert parser.parse_args(["bench", "startup"]).parts == "startup"
 
 
 def test_bench_help_does_not_import_torch():
