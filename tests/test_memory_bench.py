@@ -27,19 +27,27 @@ def positive(value) -> bool:
     return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
-def test_memory_run_measures_each_library_in_its_own_process():
-    (table,) = memory_bench.run(memory_args())
-    assert isinstance(table, Table) and len(table.header) == 8
-    assert [row[:2] for row in table.rows] == [["64x64", "diffusers"], ["64x64", "latentloom"]]
-    for row in table.rows:
-        assert len(row) == len(table.header)
+def test_memory_run_measures_each_case_in_its_own_process(monkeypatch):
+    monkeypatch.setattr(memory_bench, "ATTENTION_CASES", (("sdpa", "float32", None),))  # one child is enough here
+    image, attention = memory_bench.run(memory_args(parts="image,attention"))
+    assert isinstance(image, Table) and len(image.header) == 8
+    assert [row[:2] for row in image.rows] == [["64x64", "diffusers"], ["64x64", "latentloom"]]
+    for row in image.rows:
+        assert len(row) == len(image.header)
         peak, image_peak, weights, seconds = row[3:7]
         assert all(positive(v) for v in (peak, image_peak, weights, seconds)), row
         assert weights <= image_peak <= peak * 1.05  # polled RSS can read a page or two above ru_maxrss
-    assert table.rows[0][7] is None and positive(table.rows[1][7])
-    assert "float32" in table.rows[0][2] and "VAE tiling off" in table.rows[0][2]
-    assert "VAE tiling auto (off)" in table.rows[1][2]  # the tiny VAE never tiles at 64 px
-    assert "| 64x64 | latentloom |" in table.to_markdown()
+    assert image.rows[0][7] is None and positive(image.rows[1][7])
+    assert "float32" in image.rows[0][2] and "VAE tiling off" in image.rows[0][2]
+    assert "VAE tiling auto (off)" in image.rows[1][2]  # the tiny VAE never tiles at 64 px
+    assert "| 64x64 | latentloom |" in image.to_markdown()
+
+    assert "8x8 latents (64 tokens" in attention.title
+    (row,) = attention.rows
+    assert row[:3] == ["sdpa", "float32", "2 x 2"] and len(row) == len(attention.header)
+    growth, scores, seconds = row[3:]
+    assert math.isfinite(growth) and growth >= 0 and positive(seconds)
+    assert scores == 2 * 2 * 64 * 64 * 4 / 1e9
 
 
 def test_memory_run_adds_an_untiled_row_where_the_automatic_choice_tiles(monkeypatch):
@@ -59,18 +67,6 @@ def test_memory_run_adds_an_untiled_row_where_the_automatic_choice_tiles(monkeyp
     calls.clear()
     (table,) = memory_bench.run(memory_args(resolutions="128", untiled_rows=False))
     assert len(table.rows) == 2 and ("latentloom", 128, "off") not in calls
-
-
-def test_attention_table_measures_each_backend_in_its_own_process(monkeypatch):
-    monkeypatch.setattr(memory_bench, "ATTENTION_CASES", (("sdpa", "float32", None), ("math", "float32", (1, 1))))
-    (table,) = memory_bench.run(memory_args(parts="attention", resolutions="128"))
-    assert "16x16 latents (256 tokens" in table.title
-    assert [row[:3] for row in table.rows] == [["sdpa", "float32", "2 x 2"], ["math", "float32", "1 x 1"]]
-    for row in table.rows:
-        assert len(row) == len(table.header)
-        growth, scores, seconds = row[3:]
-        assert math.isfinite(growth) and growth >= 0 and positive(seconds)
-    assert [row[4] for row in table.rows] == [2 * 2 * 256 * 256 * 4 / 1e9, 256 * 256 * 4 / 1e9]
 
 
 @pytest.mark.parametrize("overrides, match", [
