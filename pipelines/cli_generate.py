@@ -12,7 +12,7 @@ VAE_TILING = {"auto": None, "on": True, "off": False}
 
 # recipe keys that `--from` passes back to the pipeline call
 _REPLAYED = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "guidance_rescale", "sampler",
-             "karras_sigmas", "seed", "clip_guidance_scale", "height", "width")
+             "karras_sigmas", "seed", "clip_guidance_scale", "height", "width", "vae_tiling")
 
 
 def register(subparsers) -> None:
@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--vae-tiling", choices=sorted(VAE_TILING), default="auto",
                         help="decode the latents in overlapping VAE tiles: auto = only for images large enough "
-                             "to need it (1024 px and up on Stable Diffusion), on, off (default: auto)")
+                             "to need it (1024 px and up on Stable Diffusion; with --from, the recipe's choice), "
+                             "on, off (default: auto)")
     add_model_arguments(parser)
     add_sampling_arguments(parser)
     parser.set_defaults(func=run)

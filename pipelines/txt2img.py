@@ -70,5 +70,6 @@ def text_to_image(
     x = run_sampler(call.sampler, denoiser, x, sigmas.to(pipe.device), generator=call.generator,
                     callback=callback, progress=progress)
     images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type, vae_tiling=call.vae_tiling)
-    recipes = call_recipes(pipe, call, height=height, width=width, task="txt2img", clip_guidance_scale=clip_scale)
+    recipes = call_recipes(pipe, call, height=height, width=width, task="txt2img", clip_guidance_scale=clip_scale,
+                           vae_tiling=call.vae_tiling)
     return PipelineOutput(images=images, recipes=recipes)

@@ -196,3 +196,22 @@ def test_cli_rejects_an_unknown_vae_tiling_choice(folder, tmp_path, capsys):
         cli_main(["generate", "x", "--model", str(folder), "--vae-tiling", "yes", "-o", str(tmp_path / "x.png")])
     assert exit_info.value.code == 2
     assert "invalid choice: 'yes'" in capsys.readouterr().err
+
+
+def test_vae_tiling_is_recorded_and_replayed_by_generate_from(folder, tmp_path, monkeypatch):
+    from latentloom.pipelines import common
+    from latentloom.pipelines.metadata import read_metadata
+
+    base = ["--model", str(folder), "--steps", "1", "--height", "16", "--width", "16", "--seed", "0", "--no-progress"]
+    first = tmp_path / "first.png"
+    assert cli_main(["generate", "a red circle", "--vae-tiling", "on", "-o", str(first)] + base) == 0
+    assert read_metadata(first)["vae_tiling"] is True
+    seen = []
+    original = common.decode_latents
+    monkeypatch.setattr(common, "decode_latents",
+                        lambda vae, z, *, tiling=None: seen.append(tiling) or original(vae, z, tiling=tiling))
+    assert cli_main(["generate", "--from", str(first), "-o", str(tmp_path / "again.png"), "--no-progress"]) == 0
+    assert cli_main(["generate", "--from", str(first), "--vae-tiling", "off", "-o", str(tmp_path / "off.png"),
+                     "--no-progress"]) == 0
+    assert seen == [True, False]
+    assert read_metadata(tmp_path / "off.png")["vae_tiling"] is False
