@@ -20,7 +20,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="folder with CLIP's vocab.json + merges.txt, for single-file checkpoints")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     group.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                       help="weights dtype (default: fp16 on CUDA, fp32 on CPU)")
+                       help="weights dtype (default: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the UNet: faster steps after a slow first call (worth it for many images)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +74,8 @@ def load(args: argparse.Namespace):
     check_output(args.output)
 
     model = None if args.model in (None, BUNDLED) else args.model
-    return load_pipeline(model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    return load_pipeline(model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+                         compile=getattr(args, "compile", False))
 
 
 def report_saved(paths) -> None:

@@ -39,9 +39,12 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """`None` -> float16 on CUDA, float32 elsewhere; strings like "bf16" accepted."""
+    """`None` -> the fast default of the device (`runtime.fast_dtype`: fp16 on CUDA, bf16 on CPUs
+    with native bf16, else fp32); strings like "bf16" accepted."""
     if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
+        from latentloom.pipelines.runtime import fast_dtype
+
+        return fast_dtype(device)
     if isinstance(dtype, torch.dtype):
         allowed = (torch.float32, torch.float16, torch.bfloat16)
         if dtype not in allowed:

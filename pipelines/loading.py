@@ -34,6 +34,8 @@ def load_pipeline(
     prediction_type: str | None = None,
     allow_pickle: bool = False,
     unet_config=None,
+    channels_last: bool = True,
+    compile: bool = False,
 ) -> Pipeline:
     """Load a model into a `Pipeline`.
 
@@ -41,7 +43,11 @@ def load_pipeline(
     (model_index.json with unet / vae / text_encoder / tokenizer / scheduler); a folder
     written by `latentloom train`; an original single-file `.safetensors` SD 1.x / 2.x
     checkpoint; or a hub id such as "org/model" (needs the network).
-    device: default CUDA when available, else CPU. dtype: default float16 on CUDA, float32 on CPU.
+    device: default CUDA when available, else CPU. dtype: default the fast one for the device
+    (`runtime.fast_dtype`: float16 on CUDA, bfloat16 on CPUs with native bf16, else float32);
+    pass "fp32" for exact parity with a float32 reference.
+    channels_last: run the UNet's convolutions in NHWC (the fast layout on CPU and GPU).
+    compile: `torch.compile` the UNet (slow first call; see `Pipeline.compile`).
     tokenizer: single-file checkpoints do not contain their tokenizer: a folder holding CLIP's
     vocab.json + merges.txt (or a diffusers folder's tokenizer/).
     prediction_type: override the prediction type of a single-file checkpoint ("epsilon" or
@@ -78,7 +84,9 @@ def load_pipeline(
                 f"no model at {str(path)!r}: give a folder (diffusers or latentloom layout), a .safetensors "
                 "file, a hub id like 'org/model' (online only), or nothing for the bundled model"
             )
-    return pipe.to(device=device, dtype=dtype)
+    from latentloom.pipelines.runtime import optimize
+
+    return optimize(pipe.to(device=device, dtype=dtype), channels_last=channels_last, compile=compile)
 
 
 def load_folder(folder: Path) -> Pipeline:

@@ -46,6 +46,7 @@ class Pipeline:
         self.clip_model = clip_model
         self.clip_tokenizer = None  # set with a transformers CLIPModel as clip_model
         self._model_hash: str | None = None
+        self.compiled = False  # set by compile(): the UNet's weights may be frozen into its graph
         self.loras: list[tuple[Path, float]] = []  # merged LoRA files and scales, part of model_hash
 
     @property
@@ -65,17 +66,29 @@ class Pipeline:
         return int(self.vae.config.latent_channels)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> "Pipeline":
-        """Move the UNet and VAE (and the text encoder's device; it keeps fp32) and cast the UNet/VAE."""
+        """Move the UNet and VAE (and the text encoder's device; it keeps fp32) and cast them: the
+        UNet to `dtype`, the VAE too unless that would overflow it (fp16 with `force_upcast`)."""
+        from latentloom.pipelines.runtime import vae_dtype
+
         device = torch.device(device) if device is not None else self.device
         dtype = resolve_dtype(dtype, device) if dtype is not None else self.dtype
-        for module in (self.unet, self.vae):  # skip no-op casts (diffusers warns on every VAE .to(dtype))
+        for module, wanted in ((self.unet, dtype), (self.vae, vae_dtype(self.vae, dtype))):
             params = next(module.parameters())
-            if params.device != device or params.dtype != dtype:
-                module.to(device=device, dtype=dtype)
+            if params.device != device or params.dtype != wanted:  # skip no-op casts
+                # nn.Module.to, not diffusers' override: that one warns on every cast about
+                # "modules kept in float32" even when the VAE lists none
+                torch.nn.Module.to(module, device=device, dtype=wanted)
         self.text_encoder.to(device=device)
         if self.clip_model is not None:
             self.clip_model.to(device=device)
         return self
+
+    def compile(self, *, mode: str | None = None) -> "Pipeline":
+        """`torch.compile` the UNet (weights frozen into the graph on CPU; merge LoRAs first).
+        The first call at a new size compiles (minutes on a small CPU)."""
+        from latentloom.pipelines.runtime import compile_unet
+
+        return compile_unet(self, mode=mode)
 
     def model_hash(self) -> str:
         """First 10 hex digits of the SHA-256 of the weight files (computed once, for metadata)."""
@@ -93,8 +106,13 @@ class Pipeline:
     def load_lora(self, path: str | Path, *, scale: float = 1.0, strict: bool = True):
         """Merge a LoRA file (latentloom, diffusers/peft or Kohya format) into the UNet (and text
         encoder for its `lora_te_` keys) with `scale`; returns a report of the keys applied.
-        `scale=-s` takes a LoRA merged with `s` back out."""
+        `scale=-s` takes a LoRA merged with `s` back out (exactly in fp32; in bf16/fp16 the weights keep
+        a rounding residue: reload the model for an exact original)."""
         from latentloom.training.lora import load_lora_into_pipeline
+
+        if self.compiled:
+            raise RuntimeError("this pipeline's UNet is compiled (its weights may be frozen into the graph), so a "
+                               "LoRA merged now could be ignored: load LoRAs before compile()")
 
         report = load_lora_into_pipeline(self, path, scale=scale, strict=strict)
         self.loras.append((Path(path), float(scale)))

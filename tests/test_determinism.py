@@ -35,7 +35,7 @@ def _pixels(path):
 def test_same_seed_same_png_in_another_process(folder, pipe, tmp_path):
     """A fresh interpreter draws byte-identical pixels from one seed as this one."""
     argv = ["generate", "a red circle", "--model", str(folder), "--seed", "21", "--steps", "3", "--height", "16",
-            "--width", "16", "--guidance", "4", "--sampler", "euler_a", "--num-images", "2", "--no-progress"]
+            "--width", "16", "--guidance", "4", "--sampler", "euler_a", "--num-images", "2", "--no-progress", "--dtype", "fp32"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "latentloom", *argv, "-o", str(tmp_path / "a.png")], env=env,
                           capture_output=True, text=True, timeout=300)

@@ -151,7 +151,7 @@ def test_lora_training_run_then_load_into_a_pipeline_with_a_scale(tmp_path):
     out = train(TrainConfig(output=str(tmp_path / "lora"), pretrained=str(base), lora_rank=2, steps=2, lr=1e-2,
                             **common))
     assert (out / "lora.safetensors").is_file() and not (out / "unet").exists()
-    pipe = latentloom.load_pipeline(base, device="cpu")
+    pipe = latentloom.load_pipeline(base, device="cpu", dtype="fp32")  # fp32: merging out is exact only there
     call = dict(num_inference_steps=2, seed=0, output_type="np")
     before, hash_before = pipe("a red circle", **call).images, pipe.model_hash()
     report = pipe.load_lora(out / "lora.safetensors", scale=1.0)

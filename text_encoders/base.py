@@ -18,6 +18,7 @@ plain path.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
 from typing import TYPE_CHECKING, NamedTuple, Sequence
@@ -27,6 +28,21 @@ from latentloom.text_encoders.weighting import parse_prompt_weights
 
 if TYPE_CHECKING:
     import torch
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Hide transformers' "Loading weights" progress bar while a frozen encoder loads (it would
+    print on every `latentloom generate`), restoring the user's setting afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 class _Encoded(NamedTuple):

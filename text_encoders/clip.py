@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from latentloom.text_encoders.base import FrozenTextEncoder
+from latentloom.text_encoders.base import FrozenTextEncoder, quiet_loading
 
 
 class CLIPEncoder(FrozenTextEncoder):
@@ -165,7 +165,8 @@ class CLIPEncoder(FrozenTextEncoder):
         if dtype is not None:
             load_kwargs["dtype"] = dtype
         try:
-            model, info = model_class.from_pretrained(str(model_dir), output_loading_info=True, **load_kwargs)
+            with quiet_loading():
+                model, info = model_class.from_pretrained(str(model_dir), output_loading_info=True, **load_kwargs)
         except (OSError, RuntimeError, TypeError, ValueError, KeyError, AttributeError) as err:
             raise ValueError(f"{model_dir}: the CLIP text model could not be built from its config and "
                              f"weights: {err}") from err

