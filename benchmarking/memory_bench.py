@@ -19,6 +19,10 @@ The "attention" part checks that the UNet's default attention (SDPA) does not wr
 (tokens x tokens) score matrices at the largest resolution: one forward of the first level's
 self-attention layer per fresh process, against the `chunked` backend and the `math` reference
 (which does materialise them, so it runs one head of one image: all of them would not fit).
+
+The "vae" part (not run by default) measures what the automatic VAE tiling rule in
+`pipelines/vae.py` is based on: one fp32 decode of the preset's VAE per fresh process, untiled
+at each resolution and tiled where the latents span more than one tile.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from latentloom.benchmarking.measure import Table
 
 PROMPT = "a photograph of an astronaut riding a horse"
 LIBRARIES = ("diffusers", "latentloom")
-PARTS = ("image", "attention")
+PARTS = ("image", "attention", "vae")
 # backend, dtype, (batch, heads) or None for (2 = CFG, the level's heads)
 ATTENTION_CASES = (("sdpa", "float32", None), ("sdpa", "bfloat16", None), ("chunked", "float32", None),
                    ("math", "float32", (1, 1)), ("sdpa", "float32", (1, 1)))
@@ -92,6 +96,8 @@ def run(args: argparse.Namespace) -> list[Table]:
     tables = [image_table(s)] if "image" in s["parts"] else []
     if "attention" in s["parts"]:
         tables.append(attention_table(s))
+    if "vae" in s["parts"]:
+        tables.append(vae_table(s))
     return tables
 
 
@@ -155,6 +161,26 @@ def _row(side: int, result: dict[str, Any], reference: dict[str, Any] | None) ->
             result["image_peak"] / GB, result["before_image"] / GB, result["seconds"], ratio]
 
 
+def vae_table(s: dict[str, Any]) -> Table:
+    from latentloom.benchmarking.sd_random import vae_config
+
+    tile = int(vae_config(s["preset"])["sample_size"])
+    table = Table(
+        title=f"One VAE decode ({s['preset']} VAE, float32, batch 1, tiles of {tile} px), each in a fresh process",
+        header=["resolution", "tiling", "RSS growth GB", "untiled estimate GB", "s"],
+    )
+    for side in s["resolutions"]:
+        for tiled in (False, True) if side > tile else (False,):
+            spec = dict(kind="vae", preset=s["preset"], resolution=side, tiled=tiled, threads=s["threads"])
+            result = run_child(spec, threads=s["threads"], timeout=s["timeout"])
+            table.add_row([f"{side}x{side}", "on" if tiled else "off", result["growth"] / GB,
+                           result["estimate"] / GB, result["seconds"]])
+    table.notes.append("RSS growth = peak RSS during the decode minus RSS before it; untiled estimate = "
+                       "latentloom.pipelines.vae.untiled_decode_bytes, what the automatic tiling rule compares "
+                       "with its 1 GiB threshold")
+    return table
+
+
 def measure_case(*, library: str, preset: str, resolution: int, steps: int, tiling: str, threads: int,
                  timeout: float = 3600.0) -> dict[str, Any]:
     """Run one case in a fresh Python process and return what it measured (see `child`)."""
@@ -188,6 +214,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Build one library's model, make one image, measure (called in a fresh process only)."""
     if spec.get("kind") == "attention":
         return attention_child(spec)
+    if spec.get("kind") == "vae":
+        return vae_child(spec)
     import gc
 
     import torch
@@ -234,6 +262,27 @@ def attention_child(spec: dict[str, Any]) -> dict[str, Any]:
         layer(x)
     seconds = time.perf_counter() - t0
     return dict(growth=max(mem.peak, max_rss_bytes()) - mem.start, seconds=seconds)
+
+
+def vae_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One fp32 decode of the preset's VAE at `resolution`, tiled or not (diffusers' own tiling)."""
+    import torch
+
+    from latentloom.benchmarking import sd_random
+    from latentloom.benchmarking.measure import PeakRSS, max_rss_bytes
+    from latentloom.pipelines.vae import decode_latents, untiled_decode_bytes
+
+    if spec["threads"]:
+        torch.set_num_threads(int(spec["threads"]))
+    vae = sd_random.vae(spec["preset"], seed=1)
+    side = int(spec["resolution"]) // 8
+    z = torch.randn(1, int(vae.config.latent_channels), side, side, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    with torch.inference_mode(), PeakRSS() as mem:
+        decode_latents(vae, z, tiling=bool(spec["tiled"]))
+    seconds = time.perf_counter() - t0
+    return dict(growth=max(mem.peak, max_rss_bytes()) - mem.start, seconds=seconds,
+                estimate=untiled_decode_bytes(vae, tuple(z.shape)))
 
 
 def _diffusers(spec: dict[str, Any]):
@@ -324,9 +373,15 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
     except ValueError as err:
         parser.error(str(err))
-    for table in run(args):
-        table.notes.append(f"command: `python -m latentloom.benchmarking.memory_bench {' '.join(argv)}`".rstrip())
+    command = f"python -m latentloom.benchmarking.memory_bench {' '.join(argv)}".rstrip()
+    tables = run(args)
+    for table in tables:
+        table.notes.append(f"command: `{command}`")
         print(table.to_markdown(), flush=True)
+    if args.json is not None:
+        from latentloom.benchmarking.measure import write_json
+
+        write_json(tables, args.json, command=command)
     return 0
 
 

@@ -240,9 +240,15 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    for table in run(args):
-        table.notes.append(f"command: `python -m latentloom.benchmarking.startup_bench {' '.join(argv)}`".rstrip())
+    command = f"python -m latentloom.benchmarking.startup_bench {' '.join(argv)}".rstrip()
+    tables = run(args)
+    for table in tables:
+        table.notes.append(f"command: `{command}`")
         print(table.to_markdown(), flush=True)
+    if args.json is not None:
+        from latentloom.benchmarking.measure import write_json
+
+        write_json(tables, args.json, command=command)
     return 0
 
 

@@ -29,7 +29,7 @@ def positive(value) -> bool:
 
 def test_memory_run_measures_each_case_in_its_own_process(monkeypatch):
     monkeypatch.setattr(memory_bench, "ATTENTION_CASES", (("sdpa", "float32", None),))  # one child is enough here
-    image, attention = memory_bench.run(memory_args(parts="image,attention"))
+    image, attention, vae = memory_bench.run(memory_args(parts="image,attention,vae"))
     assert isinstance(image, Table) and len(image.header) == 8
     assert [row[:2] for row in image.rows] == [["64x64", "diffusers"], ["64x64", "latentloom"]]
     for row in image.rows:
@@ -48,6 +48,10 @@ def test_memory_run_measures_each_case_in_its_own_process(monkeypatch):
     growth, scores, seconds = row[3:]
     assert math.isfinite(growth) and growth >= 0 and positive(seconds)
     assert scores == 2 * 2 * 64 * 64 * 4 / 1e9
+
+    (row,) = vae.rows  # 64 px is one tile: no tiled row
+    assert row[:2] == ["64x64", "off"] and len(row) == len(vae.header)
+    assert math.isfinite(row[2]) and row[2] >= 0 and positive(row[3]) and positive(row[4])
 
 
 def test_memory_run_adds_an_untiled_row_where_the_automatic_choice_tiles(monkeypatch):
@@ -70,7 +74,7 @@ def test_memory_run_adds_an_untiled_row_where_the_automatic_choice_tiles(monkeyp
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(parts="image,vae"), "--parts must be a comma list of distinct names"),
+    (dict(parts="image,warp"), "--parts must be a comma list of distinct names"),
     (dict(resolutions="500"), "resolution must be a multiple of 64"),
     (dict(resolutions="64,abc"), "--resolutions must be a comma list of integers"),
     (dict(resolutions=" , "), "--resolutions must name at least one size"),
@@ -94,6 +98,17 @@ def test_measure_case_errors():
     with pytest.raises(RuntimeError, match="(?s)failed \\(exit 1\\).*preset must be one of"):
         memory_bench.measure_case(library="diffusers", preset="huge", resolution=64, steps=1, tiling="auto",
                                   threads=1)
+
+
+def test_main_writes_json(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(memory_bench, "ATTENTION_CASES", (("sdpa", "bfloat16", (1, 1)),))
+    path = tmp_path / "attention.json"
+    memory_bench.main(["--preset", "tiny", "--parts", "attention", "--resolutions", "64", "--json", str(path)])
+    data = json.loads(path.read_text())
+    assert data["command"].endswith(f"--json {path}") and data["tables"][0]["header"][0] == "backend"
+    assert len(data["tables"][0]["rows"]) == len(memory_bench.ATTENTION_CASES)
 
 
 def test_memory_main_refuses_bad_options(capsys):
