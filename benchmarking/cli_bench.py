@@ -12,7 +12,8 @@ import os
 import shlex
 import sys
 
-# target -> module; a new target is one line here
+# target -> module; a new target is one line here. A module serving two targets (startup_bench:
+# bundled and startup) reads `args.target`.
 TARGETS: dict[str, str] = {
     "unet": "latentloom.benchmarking.unet_bench",
     "pipeline": "latentloom.benchmarking.pipeline_bench",
@@ -20,8 +21,6 @@ TARGETS: dict[str, str] = {
     "bundled": "latentloom.benchmarking.startup_bench",
     "startup": "latentloom.benchmarking.startup_bench",
 }
-# defaults that differ per target where two targets share a module
-TARGET_DEFAULTS: dict[str, dict[str, str]] = {"bundled": {"parts": "bundled"}, "startup": {"parts": "startup"}}
 HELP = {
     "unet": "UNet forward: median s, ratio, peak RSS growth, max difference (eager or torch.compile)",
     "pipeline": "end to end: same settings (s/step, s/image, pixel difference) and each library's defaults",
@@ -39,7 +38,7 @@ def register(subparsers) -> None:
         sub = targets.add_parser(name, help=HELP.get(name), description=HELP.get(name))
         add_common_arguments(sub)
         importlib.import_module(module_name).add_arguments(sub)
-        sub.set_defaults(func=_run, bench_module=module_name, bench_parser=sub, **TARGET_DEFAULTS.get(name, {}))
+        sub.set_defaults(func=_run, bench_module=module_name, bench_parser=sub)
     parser.set_defaults(func=lambda args: _no_target(parser))
 
 

@@ -132,10 +132,8 @@ def test_bench_without_target_prints_help(capsys):
     out = capsys.readouterr().out
     for target in ("unet", "pipeline", "memory", "bundled", "startup"):
         assert f"    {target} " in out
-    # bundled and startup share a module; each target runs its own part by default
-    parser = cli.build_parser()
-    assert parser.parse_args(["bench", "bundled"]).parts == "bundled"
-    assert parser.parse_args(["bench", "startup"]).parts == "startup"
+    parsed = cli.build_parser().parse_args(["bench", "startup"])
+    assert parsed.target == "startup" and parsed.bench_module == "latentloom.benchmarking.startup_bench"
 
 
 def test_bench_help_does_not_import_torch():
