@@ -26,15 +26,17 @@ def _shift(vae) -> float:
 # Automatic tiling (tiling=None). diffusers' tiled decode runs the decoder on overlapping tiles of
 # `tile_latent_min_size` latents (64 for SD's VAE, 512 px) and blends them, so its peak memory is
 # about one tile's decode whatever the image size, while an untiled decode grows with the area.
-# Measured on SD 1.5's VAE, fp32, one thread (peak RSS growth of one decode, benchmarks in the
-# memory task's report): 512 px 1.05 GB; 1024 px untiled ~4x that, tiled about one 512 px decode.
-# So tiling pays only from a side of 2 tiles (>= 4x the tile's area, i.e. >= 1024 px on SD), and
-# only when the untiled decode would be large in bytes: the bundled VAE (16 channels at full
-# resolution) needs ~0.5 GB even at 1024 px and never tiles, so its images stay the untiled ones.
+# Measured on an SD-1.5-sized VAE, fp32, one thread, peak RSS growth of one decode
+# (`python -m latentloom.benchmarking.memory_bench --threads 1 --parts vae`): 512 px 1.10 GB;
+# 1024 px 4.05 GB untiled, 1.06 GB tiled (one tile's decode) but 1.5x the time (207 -> 315 s:
+# the overlaps are decoded twice). Tiling costs seams and time, so it is worth it from a side of 2
+# tiles (>= 4x the tile's area: 1024 px on SD), and only when the untiled decode would be large
+# in bytes: the bundled VAE (16 channels at full resolution) needs ~0.5 GB even at 1024 px and
+# never tiles, so its images stay the untiled ones.
 AUTO_TILE_SIDES = 2.0  # latent side / tile side from which tiling is considered
 AUTO_TILE_BYTES = 1 << 30  # estimated untiled decode activations from which it is chosen
-# Peak decode activations per (batch x full-resolution channel x pixel x byte): 1.05 GB measured for
-# SD's VAE at 512 px fp32 = 1 * 128 * 512 * 512 * 4 bytes * ~7.8.
+# Peak decode activations per (batch x full-resolution channel x pixel x byte): 1.10 GB measured for
+# SD's VAE at 512 px fp32 = 1 * 128 * 512 * 512 * 4 bytes * ~8 (4.05 GB at 1024 px: ~7.5).
 _ACTIVATIONS_PER_ELEMENT = 8
 
 
