@@ -365,12 +365,17 @@ def _item_rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"latentloom-shapes/{split}/{seed}/{index}")
 
 
-def make_item(index: int, *, seed: int, split: str = "train") -> tuple[Image.Image, str, SceneSpec]:
-    """Item `index` of the dataset with this seed and split: (image, caption, scene)."""
+def make_item(
+    index: int, *, seed: int, split: str = "train", size: int = CANVAS
+) -> tuple[Image.Image, str, SceneSpec]:
+    """Item `index` of the dataset with this seed and split: (image, caption, scene).
+
+    `size` only changes the rendering: the scene and caption are the same at every size.
+    """
     rng = _item_rng(seed, split, index)
     scene = sample_scene(rng, split=split)
     text = caption(scene, phrasing=rng.randrange(NUM_PHRASINGS))
-    return render(scene), text, scene
+    return render(scene, size=size), text, scene
 
 
 def make_dataset(n: int, *, seed: int, split: str = "train") -> list[tuple[Image.Image, str, SceneSpec]]:
@@ -395,8 +400,30 @@ def scene_from_dict(d: dict) -> SceneSpec:
     return SceneSpec(shapes=tuple(ShapeSpec(**s) for s in d["shapes"]), background=d.get("background"))
 
 
-def write_dataset(folder: str | os.PathLike, n: int, *, seed: int, split: str = "train") -> Path:
+DATASET_SIZES = range(CANVAS, 1024 + 1, CANVAS)  # 64, 128, ..., 1024
+
+
+def check_dataset_size(size: object) -> int:
+    """`size` if it is a multiple of 64 in [64, 1024], else ValueError naming it.
+
+    Multiples of 64 keep the scene's 64-px geometry on whole pixels of every rendering, and
+    every size a VAE with factor 8 and a 3-level UNet can take.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size not in DATASET_SIZES:
+        raise ValueError(
+            f"size must be a multiple of {CANVAS} in [{CANVAS}, 1024] (64, 128, 192, ..., 1024), got {size!r}"
+        )
+    return size
+
+
+def write_dataset(
+    folder: str | os.PathLike, n: int, *, seed: int, split: str = "train", size: int = CANVAS
+) -> Path:
     """Write `n` PNGs and a `metadata.jsonl` (file_name, text, scene) into `folder`.
+
+    `size`: the side of every PNG, a multiple of 64 in [64, 1024]; the scenes and captions
+    depend only on (seed, split), so datasets of one seed at two sizes are pairs of the same
+    scenes (e.g. 64-px inputs and 256-px targets for an upscaler).
 
     Every file is written to a temporary name and renamed, and `metadata.jsonl` last, so a
     crash never leaves a metadata file that points at missing or half-written images.
@@ -405,6 +432,7 @@ def write_dataset(folder: str | os.PathLike, n: int, *, seed: int, split: str = 
     _check(split, SPLITS, "split")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
+    check_dataset_size(size)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "metadata.jsonl"
@@ -413,7 +441,7 @@ def write_dataset(folder: str | os.PathLike, n: int, *, seed: int, split: str = 
     width = max(5, len(str(n - 1)))
     lines = []
     for i in range(n):
-        image, text, scene = make_item(i, seed=seed, split=split)
+        image, text, scene = make_item(i, seed=seed, split=split, size=size)
         name = f"{split}_{i:0{width}d}.png"
         _atomic_write(out / name, lambda f, im=image: im.save(f, format="PNG"))
         lines.append(json.dumps({"file_name": name, "text": text, "scene": scene_to_dict(scene)}))
