@@ -16,8 +16,6 @@ from latentloom.pipelines.pipeline import Pipeline
 from latentloom.samplers.schedules import ScheduleConfig
 
 BUNDLED_NAME = "default"
-# "bundled:NAME" loads weights/NAME/ (path=None is "bundled:default").
-BUNDLED_MODELS = ("default", "upscaler")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -41,8 +39,7 @@ def load_pipeline(
 ) -> Pipeline:
     """Load a model into a `Pipeline`.
 
-    path: None (or "bundled:default") for the bundled default model, "bundled:upscaler" for its
-    64 -> 256 upscale stage (both offline); a diffusers Stable Diffusion folder
+    path: None for the bundled default model (offline); a diffusers Stable Diffusion folder
     (model_index.json with unet / vae / text_encoder / tokenizer / scheduler); a folder
     written by `latentloom train`; an original single-file `.safetensors` SD 1.x / 2.x
     checkpoint; or a hub id such as "org/model" (needs the network).
@@ -62,15 +59,14 @@ def load_pipeline(
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    bundled = _bundled_name(path)
-    if bundled is not None:
-        folder = bundled_model_dir(bundled)
+    if path is None:
+        folder = bundled_model_dir()
         if not (folder / "model_index.json").is_file():
             raise FileNotFoundError(
-                f"the bundled {bundled} model is not in this install yet (expected "
+                "the bundled default model is not in this install yet (expected "
                 f"{folder}/model_index.json); pass a model path, e.g. a Stable Diffusion folder"
             )
-        pipe = load_latentloom_folder(folder, name=f"bundled:{bundled}")
+        pipe = load_latentloom_folder(folder, name="bundled:default")
     else:
         source = Path(path)
         if source.is_dir():
@@ -91,19 +87,6 @@ def load_pipeline(
     from latentloom.pipelines.runtime import optimize
 
     return optimize(pipe.to(device=device, dtype=dtype), channels_last=channels_last, compile=compile)
-
-
-def _bundled_name(path: str | os.PathLike | None) -> str | None:
-    """The bundled model a path names: "default" for None, NAME for "bundled:NAME", else None."""
-    if path is None:
-        return BUNDLED_NAME
-    if not isinstance(path, str) or not path.startswith("bundled:"):
-        return None
-    name = path.removeprefix("bundled:")
-    if name not in BUNDLED_MODELS:
-        raise ValueError(f"unknown bundled model {path!r}; expected one of "
-                         + ", ".join(f"'bundled:{n}'" for n in BUNDLED_MODELS))
-    return name
 
 
 def load_folder(folder: Path) -> Pipeline:
