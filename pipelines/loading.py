@@ -192,8 +192,11 @@ def _text_encoder_from_index(folder: Path, spec: dict[str, Any]):
 def _load_vae(folder: Path):
     from diffusers import AutoencoderKL
 
+    from latentloom.pipelines.pixel_shuffle_vae import is_pixel_shuffle_folder, load_pixel_shuffle
     from latentloom.weight_files import check_safetensors
 
+    if is_pixel_shuffle_folder(folder):  # weightless: its config.json is all of it
+        return load_pixel_shuffle(folder).eval()
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no VAE weights (*.safetensors) in {folder}; pickle weights are not loaded")

@@ -73,7 +73,9 @@ class Pipeline:
         device = torch.device(device) if device is not None else self.device
         dtype = resolve_dtype(dtype, device) if dtype is not None else self.dtype
         for module, wanted in ((self.unet, dtype), (self.vae, vae_dtype(self.vae, dtype))):
-            params = next(module.parameters())
+            params = next(module.parameters(), None)
+            if params is None:  # a PixelShuffleVAE has a buffer only
+                params = next(module.buffers())
             if params.device != device or params.dtype != wanted:  # skip no-op casts
                 # nn.Module.to, not diffusers' override: that one warns on every cast about
                 # "modules kept in float32" even when the VAE lists none

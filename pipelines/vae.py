@@ -16,7 +16,8 @@ from PIL import Image
 
 def vae_scale_factor(vae) -> int:
     """Pixels per latent along each side (8 for Stable Diffusion's VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = getattr(vae.config, "downsample_factor", None)  # PixelShuffleVAE says it outright
+    return int(factor) if factor else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _shift(vae) -> float:

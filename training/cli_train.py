@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--config", dest="model_config", metavar="JSON",
          help="the model's architecture for training from scratch (UNetConfig / AutoencoderKL / ImageTextConfig JSON)")
     _add(g, "--pretrained", metavar="FOLDER", help="fine-tune this latentloom model folder instead")
-    _add(g, "--vae", metavar="FOLDER", help="a trained VAE folder (default: OUT/vae when it exists; else pixel space)")
+    _add(g, "--vae", metavar="FOLDER", help="a trained VAE folder (default: OUT/vae when it exists; else pixel space); upscaler: "
+         "'pixel-shuffle' for pixel space, folded into latents by space-to-depth")
     _add(g, "--resolution", type=int, help="training image size")
     _add(g, "--crop", choices=CROPS, help="crop to a square")
     _add(g, "--random-flip", action=argparse.BooleanOptionalAction, help="mirror images at random (default: on)")

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 MODELS = ("unet", "vae", "clip", "upscaler")
+# TrainConfig.vae value for the upscaler's weightless space-to-depth "VAE" (pixel-space diffusion)
+PIXEL_SHUFFLE = "pixel-shuffle"
 MIXED_PRECISION = ("no", "bf16", "fp16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULES = ("cosine", "constant")
@@ -33,7 +35,7 @@ class TrainConfig:
     output: str = "latentloom-out"
     model_config: str | None = None  # JSON file with the model's architecture (from scratch)
     pretrained: str | None = None  # a model folder to fine-tune (loaded weights)
-    vae: str | None = None  # a trained VAE folder (latent UNet / upscaler training)
+    vae: str | None = None  # a trained VAE folder (latent UNet / upscaler training), or PIXEL_SHUFFLE
     text_encoder: str = "minilm"
     resolution: int = 64
     crop: str = "center"

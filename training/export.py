@@ -115,9 +115,12 @@ def update_model_index(output: str | os.PathLike, **values: Any) -> dict[str, An
 
 def find_vae_folder(path: str | os.PathLike) -> Path:
     """A VAE folder (config.json + weights) given itself or a model folder holding vae/."""
+    from latentloom.pipelines.pixel_shuffle_vae import is_pixel_shuffle_folder
+
     path = Path(path)
     for candidate in (path, path / "vae"):
-        if (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors")):
+        if (candidate / "config.json").is_file() and (any(candidate.glob("*.safetensors"))
+                                                      or is_pixel_shuffle_folder(candidate)):
             return candidate
     raise ValueError(
         f"{path} is not a VAE folder: expected config.json + *.safetensors in it or in {path / 'vae'}"

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentloom.pipelines.pixel_shuffle_vae import is_pixel_shuffle
 from latentloom.training.config import TrainConfig
 from latentloom.training.export import (
     copy_component, scheduler_config, update_model_index, write_component, write_json_atomic,
@@ -208,11 +209,13 @@ class UNetTask:
             write_json_atomic(tmp / "low_res_scheduler" / "scheduler_config.json", low_res)
             if self.vae_source is not None:
                 shutil.copytree(self.vae_source, tmp / "vae")
+            elif self.vae is not None:  # a PixelShuffleVAE: written from its config, it has no weights
+                self.vae.save_pretrained(tmp / "vae")
             write_json_atomic(tmp / "model_index.json", {
                 "format": "latentloom", "version": 1, "kind": "upscaler",
                 "text_encoder": {"kind": cfg.text_encoder},
                 "resolution": cfg.resolution, "low_resolution": cfg.low_resolution,
-                "space": "latent" if self.vae is not None else "pixel",
+                "space": "latent" if self.vae is not None and not is_pixel_shuffle(self.vae) else "pixel",
                 "max_noise_level": cfg.max_noise_level,
             })
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from latentloom.training.config import TrainConfig
+from latentloom.training.config import PIXEL_SHUFFLE, TrainConfig
 from latentloom.training.export import find_vae_folder, read_scheduler_config
 from latentloom.training.objective import train_alphas_cumprod
 
@@ -46,6 +46,17 @@ def _read_json(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
     return json.loads(path.read_text())
+
+
+def load_vae(folder: str | Path):
+    """A trained VAE folder: diffusers' AutoencoderKL, or a weightless PixelShuffleVAE config."""
+    from latentloom.pipelines.pixel_shuffle_vae import is_pixel_shuffle_folder, load_pixel_shuffle
+
+    if is_pixel_shuffle_folder(folder):
+        return load_pixel_shuffle(folder)
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(str(folder))
 
 
 def _unet_config(cfg: TrainConfig, *, in_channels: int, out_channels: int, context_dim: int, upscaler: bool):
@@ -122,6 +133,7 @@ def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
             model = ImageTextModel(ImageTextConfig.from_dict(values))
         return ClipTask(cfg, model=model, text_encoder=text_encoder, dataset=load_dataset(cfg))
 
+    from latentloom.pipelines.vae import vae_scale_factor
     from latentloom.training.task_unet import UNetTask
     from latentloom.unet import UNet
 
@@ -136,20 +148,26 @@ def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
         copy_from = None if upscaler else source
     else:
         unet = None
-    if cfg.vae is not None:
+    if cfg.vae == PIXEL_SHUFFLE:
+        if not upscaler:
+            raise ValueError(f"vae='{PIXEL_SHUFFLE}' is for the upscaler (--model upscaler); a {cfg.model} "
+                             "without a VAE folder already trains in pixel space")
+        from latentloom.pipelines.pixel_shuffle_vae import PixelShuffleVAE, factor_for
+
+        vae = PixelShuffleVAE(factor_for(cfg.resolution, cfg.low_resolution)).to(device)
+    elif cfg.vae is not None:
         vae_source = find_vae_folder(cfg.vae)
     elif vae_source is None and (Path(cfg.output) / "vae").is_dir():
         vae_source = find_vae_folder(Path(cfg.output) / "vae")  # a VAE trained into the same OUT
     if vae_source is not None:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(str(vae_source)).to(device).eval().requires_grad_(False)
+        vae = load_vae(vae_source).to(device).eval().requires_grad_(False)
     if upscaler:
         # SD-x4-upscaler style, as pipelines.upscale samples it: the low-res image sits beside
         # latents of the same size, so the VAE's factor is the upscaling factor.
         if vae is None:
-            raise ValueError(f"the upscaler learns VAE latents: pass vae=<folder> (or train {cfg.output}/vae first)")
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            raise ValueError(f"the upscaler learns VAE latents: pass vae=<folder> (or train {cfg.output}/vae first), "
+                             f"or vae='{PIXEL_SHUFFLE}' for pixel space")
+        factor = vae_scale_factor(vae)
         if cfg.low_resolution * factor != cfg.resolution:
             raise ValueError(
                 f"the upscaler's VAE downsamples by {factor}, so resolution must be low_resolution x {factor} = "
