@@ -3,7 +3,7 @@
 Few sampling steps at 64 px keep this fast; the full prompt-following measurement is
 `latentloom eval` (see weights/README.md). The seeds are fixed: they were picked among 0-7 with
 the first shipped model (which followed color in about a third of samples) and still pass with
-the current one (color 96%, position 100% on held-out captions): this is a regression test of the
+the current one (color 98%, position 100% on held-out captions): this is a regression test of the
 shipped weights and the loading/sampling path, not a measure of quality.
 """
 from __future__ import annotations
