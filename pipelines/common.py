@@ -229,12 +229,17 @@ def run_sampler(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, g
         bar.close()
 
 
-def latents_to_output(pipe, latents: torch.Tensor, output_type: str, *, vae_tiling: bool | None = None):
+def latents_to_output(pipe, latents: torch.Tensor, output_type: str, *, vae_tiling: bool | None = None,
+                      base: torch.Tensor | None = None):
     """Decode latents and format them as `output_type` ("pil", "np" or "latent"); `vae_tiling` as in
-    `vae.decode_latents` (None: automatic)."""
+    `vae.decode_latents` (None: automatic); `base`: pixels in [-1, 1] added to the decoded ones (a
+    residual upscaler's bicubic enlargement)."""
     if output_type == "latent":
         return latents
-    array = images_to_numpy(decode_latents(pipe.vae, latents, tiling=vae_tiling))
+    pixels = decode_latents(pipe.vae, latents, tiling=vae_tiling)
+    if base is not None:
+        pixels = pixels.float() + base.to(pixels.device)
+    array = images_to_numpy(pixels)
     return array if output_type == "np" else numpy_to_pil(array)
 
 

@@ -176,6 +176,9 @@ def _attach_low_res_schedule(pipe: Pipeline, folder: Path, index: dict[str, Any]
         warnings.simplefilter("ignore", UserWarning)
         pipe.low_res_schedule = DiscreteSchedule.from_config(ScheduleConfig.from_diffusers_config(low_res))
     pipe.max_noise_level = int(index.get("max_noise_level", 350))
+    from latentloom.pipelines.upscale_residual import check_residual
+
+    pipe.residual = check_residual(index.get("residual"), folder / "model_index.json")
 
 
 def _text_encoder_from_index(folder: Path, spec: dict[str, Any]):

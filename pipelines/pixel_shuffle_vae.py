@@ -50,13 +50,19 @@ class _Posterior:
 
 class PixelShuffleVAE(nn.Module):
     """`PixelShuffleVAE(factor)`: encode / decode as diffusers' AutoencoderKL is called
-    (`encode(x).latent_dist`, `decode(z).sample`), exactly invertible, no weights."""
+    (`encode(x).latent_dist`, `decode(z).sample`), exactly invertible, no weights.
 
-    def __init__(self, factor: int = 2) -> None:
+    scaling_factor: what the pipelines multiply latents by after encoding (as for a learned VAE);
+    above 1 for signals much smaller than [-1, 1], e.g. an upscaler's residual over bicubic."""
+
+    def __init__(self, factor: int = 2, *, scaling_factor: float = 1.0) -> None:
         super().__init__()
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2 or factor & (factor - 1):
             raise ValueError(f"factor must be a power of two >= 2 (2, 4, 8, ...), got {factor!r}")
-        self.config = PixelShuffleConfig(downsample_factor=factor, latent_channels=3 * factor * factor)
+        if not isinstance(scaling_factor, (int, float)) or isinstance(scaling_factor, bool) or not scaling_factor > 0:
+            raise ValueError(f"scaling_factor must be a number > 0, got {scaling_factor!r}")
+        self.config = PixelShuffleConfig(downsample_factor=factor, latent_channels=3 * factor * factor,
+                                         scaling_factor=float(scaling_factor))
         # No weights; this buffer carries the module's device and dtype for `.to()` and `.dtype`.
         self.register_buffer("anchor", torch.zeros(()), persistent=False)
 
@@ -88,7 +94,7 @@ class PixelShuffleVAE(nn.Module):
     @classmethod
     def from_config_dict(cls, config: dict) -> "PixelShuffleVAE":
         factor = config.get("downsample_factor")
-        vae = cls(factor)
+        vae = cls(factor, scaling_factor=config.get("scaling_factor", 1.0))
         if config.get("latent_channels", vae.config.latent_channels) != vae.config.latent_channels:
             raise ValueError(f"a factor-{factor} pixel shuffle has {vae.config.latent_channels} latent channels, "
                              f"the config says {config['latent_channels']}")

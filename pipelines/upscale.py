@@ -15,6 +15,7 @@ from latentloom.pipelines.image_input import (
     expand_to_batch, images_to_tensor, per_prompt_images, record_hashes, to_model_range,
 )
 from latentloom.pipelines.output import PipelineOutput
+from latentloom.pipelines.upscale_residual import residual_base
 from latentloom.samplers.noise import final_latents, initial_latents, randn
 
 
@@ -57,6 +58,9 @@ def upscale(
 
     noise_level: how much noise is added to the low-res image before the model sees it (0 up to
     the model's max_noise_level, 350 for SD-x4; more noise lets the model invent more detail).
+    A residual model (model_index.json `"residual": "bicubic"`, `pipelines.upscale_residual`)
+    makes a correction that is added to the bicubic enlargement of the image; with
+    output_type="latent" the correction's latents are returned.
     With one generator the draws follow diffusers' `StableDiffusionUpscalePipeline` (low-res
     noise first, then the latents), so the same generator gives its image; `seed=` gives each
     image of the batch its own generator. Other arguments as `text_to_image`.
@@ -80,6 +84,8 @@ def upscale(
 
     device, batch, gen = pipe.device, call.batch, call.generator
     low = to_model_range(pixels).to(device)  # (n, 3, h, w) in [-1, 1]
+    # a residual model's base: the clean low-res image enlarged (the augmentation noise only conditions)
+    base = residual_base(expand_to_batch(low, batch), (height, width)) if getattr(pipe, "residual", None) else None
     if isinstance(gen, list) and len(gen) > 1:  # one generator per image: each draws its own low-res noise
         low = expand_to_batch(low, batch)
     low_noise = randn(low.shape, generator=gen, device=device, dtype=torch.float32)
@@ -91,7 +97,7 @@ def upscale(
     x = initial_latents(noise, sigmas, sampler=call.sampler, timestep_spacing=pipe.schedule_config.timestep_spacing)
     x = run_sampler(call.sampler, denoiser, x, sigmas.to(device), generator=gen, callback=callback,
                     progress=progress)
-    images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type)
+    images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type, base=base)
     recipes = call_recipes(pipe, call, height=height, width=width, task="upscale", noise_level=noise_level,
                            input_height=h, input_width=w)
     record_hashes(recipes, pixels, "image_hash")

@@ -81,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--rescale-zero-terminal-snr", action="store_true", help="zero SNR at t = T-1 (use with v)")
     _add(g, "--low-resolution", type=int, help="upscaler: the low-resolution side")
     _add(g, "--max-noise-level", type=int, help="upscaler: largest augmentation noise level")
+    _add(g, "--residual", action="store_true",
+         help="upscaler with --vae pixel-shuffle: learn the difference from bicubic enlargement")
     _add(g, "--kl-weight", type=float, help="vae: weight of the KL term")
     _add(g, "--lora-rank", type=int, help="train LoRA adapters of this rank on the attention projections")
     _add(g, "--lora-alpha", type=float, help="LoRA alpha (default: the rank)")

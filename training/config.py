@@ -71,6 +71,9 @@ class TrainConfig:
     # Upscaler: the low-resolution side, and the largest noise level added to it.
     low_resolution: int = 32
     max_noise_level: int = 350
+    # Upscaler in pixel space: learn the difference from the bicubic enlargement of the low-res
+    # image instead of the image itself (so an untrained correction already gives bicubic).
+    residual: bool = False
     # LoRA (UNet fine-tuning only): rank 0 means full fine-tuning.
     lora_rank: int = 0
     lora_alpha: float | None = None
@@ -125,6 +128,9 @@ class TrainConfig:
             raise ValueError(f"LoRA trains the UNet only; got lora_rank={self.lora_rank} with model={self.model!r}")
         if self.lora_rank and self.pretrained is None:
             raise ValueError("LoRA fine-tunes loaded weights: pass pretrained=<model folder> with lora_rank > 0")
+        if self.residual and (self.model != "upscaler" or self.vae != PIXEL_SHUFFLE):
+            raise ValueError(f"residual=True is for a pixel-space upscaler (model='upscaler', vae='{PIXEL_SHUFFLE}'), "
+                             f"got model={self.model!r}, vae={self.vae!r}")
         if self.model in ("unet", "vae", "clip", "upscaler") and self.data is None:
             raise ValueError(f"training model={self.model!r} needs data=<folder of captioned images>")
 

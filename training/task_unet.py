@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentloom.pipelines.pixel_shuffle_vae import is_pixel_shuffle
+from latentloom.pipelines.upscale_residual import RESIDUAL_BASES, residual_base
 from latentloom.training.config import TrainConfig
 from latentloom.training.export import (
     copy_component, scheduler_config, update_model_index, write_component, write_json_atomic,
@@ -136,7 +137,11 @@ class UNetTask:
             x0 = batch["latents"].to(device=device, dtype=torch.float32)  # (B, C, h, w)
         else:
             pixels = batch["pixel_values"].to(device=device, dtype=torch.float32)  # (B, 3, R, R)
-            x0 = self.targets(pixels, generator=generators["noise"])  # (B, C, h, w)
+            target = pixels
+            if self.upscaler and cfg.residual:  # learn what bicubic enlargement of the low-res view gets wrong
+                low = degrade(pixels, low_resolution=cfg.low_resolution)
+                target = pixels - residual_base(low, tuple(pixels.shape[-2:]))
+            x0 = self.targets(target, generator=generators["noise"])  # (B, C, h, w)
         extra: dict[str, Any] = {}
         cond = None
         if self.upscaler:
@@ -217,6 +222,7 @@ class UNetTask:
                 "resolution": cfg.resolution, "low_resolution": cfg.low_resolution,
                 "space": "latent" if self.vae is not None and not is_pixel_shuffle(self.vae) else "pixel",
                 "max_noise_level": cfg.max_noise_level,
+                **({"residual": RESIDUAL_BASES[0]} if cfg.residual else {}),
             })
 
         write_component(output, "upscaler", write)

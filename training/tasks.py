@@ -154,7 +154,10 @@ def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
                              "without a VAE folder already trains in pixel space")
         from latentloom.pipelines.pixel_shuffle_vae import PixelShuffleVAE, factor_for
 
-        vae = PixelShuffleVAE(factor_for(cfg.resolution, cfg.low_resolution)).to(device)
+        from latentloom.pipelines.upscale_residual import RESIDUAL_SCALE
+
+        vae = PixelShuffleVAE(factor_for(cfg.resolution, cfg.low_resolution),
+                              scaling_factor=RESIDUAL_SCALE if cfg.residual else 1.0).to(device)
     elif cfg.vae is not None:
         vae_source = find_vae_folder(cfg.vae)
     elif vae_source is None and (Path(cfg.output) / "vae").is_dir():
