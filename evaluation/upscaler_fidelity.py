@@ -86,6 +86,9 @@ def evaluate(pipe: Any, *, n: int, seed: int = 1, steps: int | None = None, guid
                          ("lanczos", Image.Resampling.LANCZOS)):
         x = np.stack([np.asarray(im.resize((size, size), method)) for im in lows])
         rows.append({"method": name, **fidelity(x, truth, band), "shapes": checker_accuracy(x, specs)})
+    x = _torch_bicubic(lows, size)
+    rows.append({"method": "bicubic a=-0.75 (torch; a residual model's base)", **fidelity(x, truth, band),
+                 "shapes": checker_accuracy(x, specs)})
     for g in guidance:
         for level in noise_levels:
             start = time.perf_counter()
@@ -98,6 +101,17 @@ def evaluate(pipe: Any, *, n: int, seed: int = 1, steps: int | None = None, guid
             rows.append({"method": label, **fidelity(x, truth, band), "shapes": checker_accuracy(x, specs),
                          "seconds": time.perf_counter() - start, "images": x})
     return rows
+
+
+def _torch_bicubic(lows: list, size: int) -> np.ndarray:
+    """PIL's bicubic has a = -0.5, torch's (`upscale_residual.residual_base`) a = -0.75: sharper."""
+    import torch
+
+    from latentloom.pipelines.upscale_residual import residual_base
+
+    low = torch.tensor(np.stack([np.asarray(im) for im in lows])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = residual_base(low, (size, size)).permute(0, 2, 3, 1).numpy()
+    return ((x / 2 + 0.5).clip(0, 1) * 255).round()
 
 
 def format_table(rows: list[dict[str, Any]], *, n: int, size: int) -> str:

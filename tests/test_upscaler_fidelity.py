@@ -60,7 +60,8 @@ def test_report_on_a_tiny_pixel_space_upscaler(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "2 unseen scenes, 64 -> 128 px, against the true 128-px render"
     methods = [line[:52].strip() for line in lines[2:-1]]
-    assert methods == ["truth", "nearest", "bicubic", "lanczos", "upscaler: guidance 1, noise level 0, 2 steps",
+    assert methods == ["truth", "nearest", "bicubic", "lanczos", "bicubic a=-0.75 (torch; a residual model's base)",
+                       "upscaler: guidance 1, noise level 0, 2 steps",
                        "upscaler: guidance 1, noise level 10, 2 steps"]
     assert lines[2].split()[1:4] == ["inf", "inf", "1.000"] and lines[2].endswith("100.0%")
     assert lines[-1] == f"wrote {strip}"
