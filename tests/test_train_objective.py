@@ -72,6 +72,30 @@ def test_diffusion_loss_is_zero_for_the_perfect_predictor_and_weights_apply():
         diffusion_loss(zero, x0, alphas_cumprod=ac, prediction_type="sample", generator=gen())
 
 
+def test_x0_weighting_scores_the_implied_x0_error():
+    ac = linear_alphas_cumprod()
+    x0 = torch.randn(8, 3, 4, 4)
+    gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    seen = {}
+
+    def off_by_one(x_t, t):  # the true v plus 1 everywhere: x0_hat is off by sqrt(1 - alpha_bar)
+        ab = ac[t].float().view(-1, 1, 1, 1)
+        seen["ab"] = ab.flatten()
+        eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return ab.sqrt() * eps - (1 - ab).sqrt() * x0 + 1.0
+
+    plain = diffusion_loss(off_by_one, x0, alphas_cumprod=ac, prediction_type="v_prediction", generator=gen())
+    weighted = diffusion_loss(off_by_one, x0, alphas_cumprod=ac, prediction_type="v_prediction", generator=gen(),
+                              x0_weighting=True)
+    assert abs(plain.item() - 1.0) < 1e-5
+    # (x0_hat - x0)^2 = 1 - alpha_bar per element: the mean over the batch of 1 - alpha_bar
+    assert abs(weighted.item() - (1 - seen["ab"]).mean().item()) < 1e-5
+    for bad in ({"prediction_type": "epsilon"}, {"prediction_type": "v_prediction", "min_snr_gamma": 5.0}):
+        with pytest.raises(ValueError, match="x0_weighting needs prediction_type='v_prediction' and no min_snr_gamma"):
+            diffusion_loss(off_by_one, x0, alphas_cumprod=ac, generator=gen(), x0_weighting=True,
+                           **{"prediction_type": "v_prediction", **bad})
+
+
 def test_lr_schedules():
     assert lr_factor(0, kind="cosine", warmup_steps=4, total_steps=14) == pytest.approx(0.25)
     assert lr_factor(3, kind="cosine", warmup_steps=4, total_steps=14) == pytest.approx(1.0)
@@ -132,6 +156,8 @@ def test_config_validation():
         ({"lr_schedule": "step"}, "lr_schedule"),
         ({"threads": 0}, "threads"),
         ({"stop_after": 0}, "stop_after"),
+        ({"x0_weighting": True}, "x0_weighting needs prediction_type='v_prediction'"),
+        ({"x0_weighting": True, "prediction_type": "v_prediction", "min_snr_gamma": 5.0}, "and no min_snr_gamma"),
     ]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(data="d", **bad)

@@ -59,6 +59,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     caption_dropout: float = 0.1
     min_snr_gamma: float | None = None
+    x0_weighting: bool = False  # v loss / (snr + 1): every noise level weighs the same in x0 terms
     noise_offset: float = 0.0
     prediction_type: str = "epsilon"
     num_train_timesteps: int = 1000
@@ -128,6 +129,9 @@ class TrainConfig:
             raise ValueError(f"LoRA trains the UNet only; got lora_rank={self.lora_rank} with model={self.model!r}")
         if self.lora_rank and self.pretrained is None:
             raise ValueError("LoRA fine-tunes loaded weights: pass pretrained=<model folder> with lora_rank > 0")
+        if self.x0_weighting and (self.prediction_type != "v_prediction" or self.min_snr_gamma is not None):
+            raise ValueError(f"x0_weighting needs prediction_type='v_prediction' and no min_snr_gamma, got "
+                             f"prediction_type={self.prediction_type!r}, min_snr_gamma={self.min_snr_gamma!r}")
         if self.residual and (self.model != "upscaler" or self.vae != PIXEL_SHUFFLE):
             raise ValueError(f"residual=True is for a pixel-space upscaler (model='upscaler', vae='{PIXEL_SHUFFLE}'), "
                              f"got model={self.model!r}, vae={self.vae!r}")

@@ -89,8 +89,18 @@ def diffusion_loss(
     generator: torch.Generator,
     min_snr_gamma: float | None = None,
     noise_offset: float = 0.0,
+    x0_weighting: bool = False,
 ) -> torch.Tensor:
-    """Mean (weighted) MSE between ``predict(x_t, t)`` and the eps / v target."""
+    """Mean (weighted) MSE between ``predict(x_t, t)`` and the eps / v target.
+
+    x0_weighting (v targets only): divide each sample's v loss by snr + 1, which makes it the error
+    of the implied x0 (x0_hat - x0 = -sqrt(1 - alpha_bar) (v_hat - v)): every noise level counts
+    the same, where a plain v loss weights nearly clean steps up to ~1000x more than pure-noise ones.
+    For an upscaler those pure-noise steps are where it must read the image from its condition.
+    """
+    if x0_weighting and (prediction_type != "v_prediction" or min_snr_gamma is not None):
+        raise ValueError(f"x0_weighting needs prediction_type='v_prediction' and no min_snr_gamma, got "
+                         f"prediction_type={prediction_type!r}, min_snr_gamma={min_snr_gamma!r}")
     batch = add_noise(
         x0, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type, generator=generator, noise_offset=noise_offset
     )
@@ -98,4 +108,6 @@ def diffusion_loss(
     per_sample = (pred.float() - batch.target.float()).pow(2).flatten(1).mean(1)  # (B,)
     if min_snr_gamma is not None:
         per_sample = per_sample * min_snr_weight(batch.snr, gamma=min_snr_gamma, prediction_type=prediction_type)
+    if x0_weighting:
+        per_sample = per_sample / (batch.snr + 1.0)
     return per_sample.mean()

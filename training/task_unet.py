@@ -159,6 +159,7 @@ class UNetTask:
         return diffusion_loss(
             predict, x0, alphas_cumprod=self.alphas_cumprod, prediction_type=cfg.prediction_type,
             generator=generators["noise"], min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
+            x0_weighting=cfg.x0_weighting,
         )
 
     # ------------------------------------------------------------------ export
