@@ -1,9 +1,9 @@
 """A residual upscaler: the UNet learns the image minus the bicubic enlargement of its low-res input.
 
-Where the learned correction is zero the result is plain bicubic enlargement, so the network
-spends its capacity on edges, where enlargement errs, rather than on copying flat colors (a
-pixel-space upscaler of the shapes domain that learned whole images stayed near 22 dB after
-16k samples; bicubic alone scores 36 dB). Set in training by `latentloom train --model upscaler
+Where the learned correction is zero the result is plain bicubic enlargement, so the network only
+has edges left to learn (a pixel-space upscaler of the shapes domain that learned whole images
+stayed near 22 dB after 16k samples; bicubic alone scores 34.8 dB on unseen scenes; how far the
+residual models got is in weights/README.md). Set in training by `latentloom train --model upscaler
 --vae pixel-shuffle --residual`; the exported model_index.json says `"residual": "bicubic"`, and
 `pipe.upscale` adds the base back after decoding.
 """
