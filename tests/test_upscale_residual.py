@@ -101,3 +101,20 @@ def test_residual_upscaler_adds_the_bicubic_base(tmp_path):
     plain = pipe.upscale(["a red circle", "a blue star"], output_type="np", **kw).images
     assert abs(plain - images).max() > 0.05
 
+
+
+def test_fine_tuning_an_upscaler_keeps_its_target(tmp_path):
+    data = write_dataset(tmp_path / "data", 2, seed=3)
+    first = train(_config(tmp_path, data))  # OUT/upscaler only: no model_index.json at OUT's top
+    tuned = {"pretrained": str(first), "vae": None, "residual": False, "model_config": None}
+    # OUT and OUT/upscaler are both accepted; the run learns the residual as its source did
+    for i, source in enumerate((first, first / "upscaler")):
+        with pytest.warns(UserWarning, match="learned the residual over bicubic, so this run does too"):
+            out = train(_config(tmp_path, data, **{**tuned, "pretrained": str(source), "output": str(tmp_path / f"t{i}")}))
+        assert json.loads((out / "upscaler" / "model_index.json").read_text())["residual"] == "bicubic"
+    with pytest.raises(ValueError, match=r"pretrained='.*data' holds no upscaler: pass a model folder with an upscaler/"):
+        train(_config(tmp_path, data, **{**tuned, "pretrained": str(data)}))
+
+    whole = train(_config(tmp_path, data, residual=False, output=str(tmp_path / "whole")))
+    with pytest.raises(ValueError, match="learned whole images .* fine-tune it without residual"):
+        train(_config(tmp_path, data, **{**tuned, "pretrained": str(whole), "residual": True}))

@@ -132,9 +132,10 @@ class TrainConfig:
         if self.x0_weighting and (self.prediction_type != "v_prediction" or self.min_snr_gamma is not None):
             raise ValueError(f"x0_weighting needs prediction_type='v_prediction' and no min_snr_gamma, got "
                              f"prediction_type={self.prediction_type!r}, min_snr_gamma={self.min_snr_gamma!r}")
-        if self.residual and (self.model != "upscaler" or self.vae != PIXEL_SHUFFLE):
-            raise ValueError(f"residual=True is for a pixel-space upscaler (model='upscaler', vae='{PIXEL_SHUFFLE}'), "
-                             f"got model={self.model!r}, vae={self.vae!r}")
+        # (A fine-tune reads its VAE from the pretrained folder; make_task checks it is pixel space.)
+        if self.residual and (self.model != "upscaler" or (self.vae != PIXEL_SHUFFLE and self.pretrained is None)):
+            raise ValueError(f"residual=True is for a pixel-space upscaler (model='upscaler', vae='{PIXEL_SHUFFLE}', "
+                             f"or pretrained=<a residual upscaler>), got model={self.model!r}, vae={self.vae!r}")
         if self.model in ("unet", "vae", "clip", "upscaler") and self.data is None:
             raise ValueError(f"training model={self.model!r} needs data=<folder of captioned images>")
 

@@ -113,8 +113,11 @@ def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
     if cfg.model == "unet" and cfg.pretrained is not None and not is_latentloom_folder(cfg.pretrained):
         return _foreign_unet_task(cfg, device=device, is_main=is_main, barrier=barrier)
     use_context_mask = True
+    if cfg.pretrained is not None and cfg.model == "upscaler":
+        cfg = _match_pretrained_residual(cfg, upscaler_folder(cfg.pretrained))
     if cfg.pretrained is not None and cfg.model in ("unet", "upscaler"):
-        index = json.loads((Path(cfg.pretrained) / "model_index.json").read_text())
+        index_folder = upscaler_folder(cfg.pretrained) if cfg.model == "upscaler" else Path(cfg.pretrained)
+        index = json.loads((index_folder / "model_index.json").read_text())
         kind = (index.get("text_encoder") or {}).get("kind", "minilm")
         use_context_mask = bool(index.get("use_context_mask", True))
         if kind != cfg.text_encoder:
@@ -140,7 +143,7 @@ def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
     upscaler = cfg.model == "upscaler"
     vae = vae_source = copy_from = None
     if cfg.pretrained is not None:
-        source = Path(cfg.pretrained) / "upscaler" if upscaler else Path(cfg.pretrained)
+        source = upscaler_folder(cfg.pretrained) if upscaler else Path(cfg.pretrained)
         cfg = _check_schedule_matches(cfg, read_scheduler_config(source), source)
         unet = UNet.from_pretrained(source / "unet")
         if (source / "vae").is_dir():
@@ -164,6 +167,12 @@ def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
         vae_source = find_vae_folder(Path(cfg.output) / "vae")  # a VAE trained into the same OUT
     if vae_source is not None:
         vae = load_vae(vae_source).to(device).eval().requires_grad_(False)
+    if cfg.residual:
+        from latentloom.pipelines.pixel_shuffle_vae import is_pixel_shuffle
+
+        if not is_pixel_shuffle(vae):
+            raise ValueError(f"residual=True learns in pixel space, but the VAE from {vae_source} is a "
+                             f"{type(vae).__name__}: use vae='{PIXEL_SHUFFLE}'")
     if upscaler:
         # SD-x4-upscaler style, as pipelines.upscale samples it: the low-res image sits beside
         # latents of the same size, so the VAE's factor is the upscaling factor.
@@ -232,6 +241,29 @@ def build_latent_cache(cfg: TrainConfig, dataset: Any, *, vae: Any, vae_source: 
     if not is_main:
         cache = LatentCache(dataset, encode_image=encode_image, encode_text=text_encoder.encode, path=path, key=key)
     return cache
+
+
+def upscaler_folder(pretrained: str | Path) -> Path:
+    """The upscaler to fine-tune: a model folder's upscaler/ stage, or an upscaler folder itself
+    (what `latentloom train --model upscaler` writes to OUT/upscaler)."""
+    for folder in (Path(pretrained) / "upscaler", Path(pretrained)):
+        index = folder / "model_index.json"
+        if index.is_file() and json.loads(index.read_text()).get("kind") == "upscaler":
+            return folder
+    raise ValueError(f"pretrained={str(pretrained)!r} holds no upscaler: pass a model folder with an upscaler/ "
+                     "stage, or an upscaler folder (its model_index.json says \"kind\": \"upscaler\")")
+
+
+def _match_pretrained_residual(cfg: TrainConfig, folder: Path) -> TrainConfig:
+    """A fine-tune learns the same target as the upscaler it starts from (residual or whole image)."""
+    residual = json.loads((folder / "model_index.json").read_text()).get("residual") is not None
+    if residual == cfg.residual:
+        return cfg
+    if cfg.residual:
+        raise ValueError(f"residual=True, but {folder} learned whole images (its model_index.json has no "
+                         "\"residual\"): fine-tune it without residual")
+    warnings.warn(f"fine-tuning {folder}: it learned the residual over bicubic, so this run does too", stacklevel=3)
+    return TrainConfig.from_dict({**cfg.to_dict(), "residual": True})
 
 
 def is_latentloom_folder(path: str | Path) -> bool:
