@@ -31,19 +31,6 @@ def test_noised_batch_is_consistent(prediction_type):
     torch.testing.assert_close(b.snr, (ab / (1 - ab)).flatten())
 
 
-def test_last_timestep_only_keeps_the_random_stream():
-    ac = linear_alphas_cumprod()
-    x0 = torch.randn(4, 3, 8, 8)
-    plain = add_noise(x0, alphas_cumprod=ac, prediction_type="v_prediction", generator=torch.Generator().manual_seed(0))
-    last = add_noise(x0, alphas_cumprod=ac, prediction_type="v_prediction", generator=torch.Generator().manual_seed(0),
-                     last_timestep_only=True)
-    assert plain.t.unique().numel() > 1 and last.t.tolist() == [999] * 4
-    ab = ac[999].float()
-    # the same eps as the plain draw, only at t = T - 1
-    eps = (plain.x_t - ac[plain.t].float().view(-1, 1, 1, 1).sqrt() * x0) / (1 - ac[plain.t].float().view(-1, 1, 1, 1)).sqrt()
-    torch.testing.assert_close(last.x_t, ab.sqrt() * x0 + (1 - ab).sqrt() * eps, atol=1e-4, rtol=1e-4)
-
-
 def test_noise_offset_shifts_channel_means():
     ac = torch.full((10,), 0.5, dtype=torch.float64)
     x0 = torch.zeros(64, 2, 16, 16)
@@ -171,8 +158,6 @@ def test_config_validation():
         ({"stop_after": 0}, "stop_after"),
         ({"x0_weighting": True}, "x0_weighting needs prediction_type='v_prediction'"),
         ({"x0_weighting": True, "prediction_type": "v_prediction", "min_snr_gamma": 5.0}, "and no min_snr_gamma"),
-        ({"pure_noise_warmup": -1}, "pure_noise_warmup must be >= 0"),
-        ({"pure_noise_warmup": 10, "model": "vae"}, "pure_noise_warmup is for diffusion models"),
     ]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(data="d", **bad)

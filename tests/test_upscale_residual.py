@@ -118,19 +118,3 @@ def test_fine_tuning_an_upscaler_keeps_its_target(tmp_path):
     whole = train(_config(tmp_path, data, residual=False, output=str(tmp_path / "whole")))
     with pytest.raises(ValueError, match="learned whole images .* fine-tune it without residual"):
         train(_config(tmp_path, data, **{**tuned, "pretrained": str(whole), "residual": True}))
-
-
-def test_pure_noise_warmup_trains_the_first_steps_at_the_last_timestep(tmp_path, monkeypatch):
-    data = write_dataset(tmp_path / "data", 2, seed=3)
-    seen = []
-    real_add_noise = task_unet.diffusion_loss.__globals__["add_noise"]
-
-    def add_noise(x0, **kw):
-        batch = real_add_noise(x0, **kw)
-        seen.append(batch.t.tolist())
-        return batch
-
-    monkeypatch.setitem(task_unet.diffusion_loss.__globals__, "add_noise", add_noise)
-    train(_config(tmp_path, data, steps=4, pure_noise_warmup=2, seed=1))
-    assert seen[:2] == [[999, 999], [999, 999]]
-    assert all(t != [999, 999] for t in seen[2:]), seen

@@ -76,9 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--min-snr-gamma", type=float, help="min-SNR loss weighting (e.g. 5; default: off)")
     _add(g, "--x0-weighting", action="store_true",
          help="v loss / (snr + 1): every noise level counts the same in x0 terms (upscalers; needs v targets)")
-    _add(g, "--pure-noise-warmup", type=int, metavar="STEPS",
-         help="train the first STEPS steps at the last timestep only, where the UNet can learn only from its "
-              "condition (pixel upscalers: it learns to read the low-res image first)")
     _add(g, "--noise-offset", type=float, help="offset noise strength (e.g. 0.05)")
     _add(g, "--prediction-type", choices=PREDICTION_TYPES, help="network target")
     _add(g, "--beta-schedule", choices=BETA_SCHEDULES, help="training noise schedule")

@@ -60,9 +60,6 @@ class TrainConfig:
     caption_dropout: float = 0.1
     min_snr_gamma: float | None = None
     x0_weighting: bool = False  # v loss / (snr + 1): every noise level weighs the same in x0 terms
-    # The first N steps train at the last timestep only, where x_t is nearly pure noise and the
-    # UNet can learn only from its condition (a pixel upscaler otherwise stays at zero correction).
-    pure_noise_warmup: int = 0
     noise_offset: float = 0.0
     prediction_type: str = "epsilon"
     num_train_timesteps: int = 1000
@@ -123,13 +120,11 @@ class TrainConfig:
             raise ValueError(f"min_snr_gamma must be > 0 (or None to turn it off), got {self.min_snr_gamma}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.lr_warmup_steps < 0 or self.noise_offset < 0 or self.lora_rank < 0 or self.pure_noise_warmup < 0:
+        if self.lr_warmup_steps < 0 or self.noise_offset < 0 or self.lora_rank < 0:
             raise ValueError(
-                "lr_warmup_steps, noise_offset, lora_rank and pure_noise_warmup must be >= 0, got "
-                f"{self.lr_warmup_steps}, {self.noise_offset}, {self.lora_rank}, {self.pure_noise_warmup}"
+                "lr_warmup_steps, noise_offset and lora_rank must be >= 0, got "
+                f"{self.lr_warmup_steps}, {self.noise_offset}, {self.lora_rank}"
             )
-        if self.pure_noise_warmup and self.model not in ("unet", "upscaler"):
-            raise ValueError(f"pure_noise_warmup is for diffusion models (unet, upscaler), got model={self.model!r}")
         if self.lora_rank and self.model != "unet":
             raise ValueError(f"LoRA trains the UNet only; got lora_rank={self.lora_rank} with model={self.model!r}")
         if self.lora_rank and self.pretrained is None:

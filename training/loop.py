@@ -132,7 +132,7 @@ def train(cfg: TrainConfig, *, task: Any = None) -> Path:
             sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(ddp_model)
             with sync:
                 with accelerator.autocast():
-                    loss = task.loss(ddp_model, batch, generators=generators, step=step)
+                    loss = task.loss(ddp_model, batch, generators=generators)
                 accelerator.backward(loss / cfg.grad_accum)
             loss_sum += loss.detach().float().item()
         if not math.isfinite(loss_sum):  # before the step: the last checkpoint and the weights stay good

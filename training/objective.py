@@ -57,11 +57,8 @@ def add_noise(
     prediction_type: str,
     generator: torch.Generator,
     noise_offset: float = 0.0,
-    last_timestep_only: bool = False,
 ) -> NoisedBatch:
     """Draw t and eps (from ``generator``, on x0's device) and build x_t and the target.
-
-    last_timestep_only: t = T - 1 for the whole batch (see TrainConfig.pure_noise_warmup).
 
     noise_offset adds a per-channel constant to eps (Guttenberg 2023, "Diffusion with
     offset noise") so the model can learn to change an image's mean brightness.
@@ -71,8 +68,6 @@ def add_noise(
     b = x0.shape[0]
     ac = alphas_cumprod.to(x0.device)
     t = torch.randint(0, ac.shape[0], (b,), device=x0.device, generator=generator)
-    if last_timestep_only:  # drawn all the same, so the random stream does not depend on the warmup
-        t = torch.full_like(t, ac.shape[0] - 1)
     eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     if noise_offset > 0:
         # (B, C, 1, 1): one shift per channel of each image
@@ -95,7 +90,6 @@ def diffusion_loss(
     min_snr_gamma: float | None = None,
     noise_offset: float = 0.0,
     x0_weighting: bool = False,
-    last_timestep_only: bool = False,
 ) -> torch.Tensor:
     """Mean (weighted) MSE between ``predict(x_t, t)`` and the eps / v target.
 
@@ -108,8 +102,7 @@ def diffusion_loss(
         raise ValueError(f"x0_weighting needs prediction_type='v_prediction' and no min_snr_gamma, got "
                          f"prediction_type={prediction_type!r}, min_snr_gamma={min_snr_gamma!r}")
     batch = add_noise(
-        x0, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type, generator=generator, noise_offset=noise_offset,
-        last_timestep_only=last_timestep_only,
+        x0, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type, generator=generator, noise_offset=noise_offset
     )
     pred = predict(batch.x_t, batch.t)
     per_sample = (pred.float() - batch.target.float()).pow(2).flatten(1).mean(1)  # (B,)

@@ -44,8 +44,7 @@ class ClipTask:
         mask = emb.mask.to(emb.hidden.dtype)[..., None]
         return ((emb.hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).to(device=device, dtype=torch.float32)
 
-    def loss(self, model: nn.Module, batch: dict[str, Any], *, generators: dict[str, torch.Generator],
-             step: int = 0) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: dict[str, Any], *, generators: dict[str, torch.Generator]) -> torch.Tensor:
         device = generators["noise"].device
         pixels = batch["pixel_values"].to(device=device, dtype=torch.float32)
         pixels = degrade_like_x0(pixels, generator=generators["noise"])

@@ -127,9 +127,7 @@ class UNetTask:
         emb = encode(list(captions))
         return emb.hidden.to(device=device, dtype=torch.float32), emb.mask.to(device)
 
-    def loss(self, model: nn.Module, batch: dict[str, Any], *, generators: dict[str, torch.Generator],
-             step: int = 0) -> torch.Tensor:
-        """The diffusion loss of one batch; ``step`` counts optimizer steps done (for the warmup)."""
+    def loss(self, model: nn.Module, batch: dict[str, Any], *, generators: dict[str, torch.Generator]) -> torch.Tensor:
         cfg = self.cfg
         device = generators["noise"].device
         captions = drop_captions(batch["caption"], p=cfg.caption_dropout, generator=generators["host"])
@@ -161,7 +159,7 @@ class UNetTask:
         return diffusion_loss(
             predict, x0, alphas_cumprod=self.alphas_cumprod, prediction_type=cfg.prediction_type,
             generator=generators["noise"], min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
-            x0_weighting=cfg.x0_weighting, last_timestep_only=step < cfg.pure_noise_warmup,
+            x0_weighting=cfg.x0_weighting,
         )
 
     # ------------------------------------------------------------------ export

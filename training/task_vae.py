@@ -88,8 +88,7 @@ class VAETask:
         self.cfg, self.dataset = cfg, dataset
         self.model = VAEWithLoss(vae, kl_weight=cfg.kl_weight)
 
-    def loss(self, model: nn.Module, batch: dict[str, Any], *, generators: dict[str, torch.Generator],
-             step: int = 0) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: dict[str, Any], *, generators: dict[str, torch.Generator]) -> torch.Tensor:
         device = generators["noise"].device
         pixels = batch["pixel_values"].to(device=device, dtype=torch.float32)
         return model(pixels, generators["noise"])
