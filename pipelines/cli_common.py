@@ -11,11 +11,13 @@ from typing import Any
 BUNDLED = "bundled:default"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, default: str = BUNDLED) -> None:
     group = parser.add_argument_group("model")
+    # --model stays None when not given (generate --from then reads the recipe's model)
+    parser.set_defaults(default_model=default)
     group.add_argument("--model", default=None,
-                       help="a diffusers or latentloom folder, a .safetensors SD checkpoint, or a hub id "
-                            "(online only); default: the bundled model")
+                       help="a diffusers or latentloom folder, a .safetensors SD checkpoint, a hub id "
+                            f"(online only), or bundled:default / bundled:upscaler (default: {default})")
     group.add_argument("--tokenizer", default=None,
                        help="folder with CLIP's vocab.json + merges.txt, for single-file checkpoints")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -73,7 +75,7 @@ def load(args: argparse.Namespace):
 
     check_output(args.output)
 
-    model = None if args.model in (None, BUNDLED) else args.model
+    model = args.model if args.model is not None else getattr(args, "default_model", BUNDLED)
     return load_pipeline(model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
                          compile=getattr(args, "compile", False))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from latentloom.pipelines.cli_common import (
-    SAMPLING_NAMES, add_model_arguments, add_sampling_arguments, call_kwargs, fail, load, report_saved,
+    BUNDLED, SAMPLING_NAMES, add_model_arguments, add_sampling_arguments, call_kwargs, fail, load, report_saved,
 )
 
 _NAMES = tuple(n for n in SAMPLING_NAMES if n != "clip_guidance_scale")  # CLIP guidance: generate only
@@ -21,8 +21,8 @@ def _parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _finish(parser: argparse.ArgumentParser, run) -> None:
-    add_model_arguments(parser)
+def _finish(parser: argparse.ArgumentParser, run, *, model: str = BUNDLED) -> None:
+    add_model_arguments(parser, default=model)
     add_sampling_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -50,7 +50,7 @@ def register_upscale(subparsers) -> None:
     parser = _parser(subparsers, "upscale", "enlarge an image with an x4-upscaler-style model")
     parser.add_argument("--noise-level", type=int, default=20,
                         help="noise added to the low-res image before the model sees it (default 20)")
-    _finish(parser, run_upscale)
+    _finish(parser, run_upscale, model="bundled:upscaler")
 
 
 def _open(path: str, what: str):

@@ -16,6 +16,8 @@ from latentloom.pipelines.pipeline import Pipeline
 from latentloom.samplers.schedules import ScheduleConfig
 
 BUNDLED_NAME = "default"
+# What ships in weights/: the text-to-image model and its 64 -> 128 upscale stage ("bundled:NAME").
+BUNDLED_MODELS = ("default", "upscaler")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -39,7 +41,8 @@ def load_pipeline(
 ) -> Pipeline:
     """Load a model into a `Pipeline`.
 
-    path: None for the bundled default model (offline); a diffusers Stable Diffusion folder
+    path: None for the bundled default model (offline), "bundled:upscaler" for its bundled
+    upscale stage ("bundled:default" names the default); a diffusers Stable Diffusion folder
     (model_index.json with unet / vae / text_encoder / tokenizer / scheduler); a folder
     written by `latentloom train`; an original single-file `.safetensors` SD 1.x / 2.x
     checkpoint; or a hub id such as "org/model" (needs the network).
@@ -59,14 +62,15 @@ def load_pipeline(
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    if path is None:
-        folder = bundled_model_dir()
+    bundled = _bundled_name(path)
+    if bundled is not None:
+        folder = bundled_model_dir(bundled)
         if not (folder / "model_index.json").is_file():
             raise FileNotFoundError(
-                "the bundled default model is not in this install yet (expected "
+                f"the bundled {bundled} model is not in this install yet (expected "
                 f"{folder}/model_index.json); pass a model path, e.g. a Stable Diffusion folder"
             )
-        pipe = load_latentloom_folder(folder, name="bundled:default")
+        pipe = load_latentloom_folder(folder, name=f"bundled:{bundled}")
     else:
         source = Path(path)
         if source.is_dir():
@@ -87,6 +91,19 @@ def load_pipeline(
     from latentloom.pipelines.runtime import optimize
 
     return optimize(pipe.to(device=device, dtype=dtype), channels_last=channels_last, compile=compile)
+
+
+def _bundled_name(path: str | os.PathLike | None) -> str | None:
+    """None -> "default"; "bundled:NAME" -> NAME (checked); any other path -> None."""
+    if path is None:
+        return BUNDLED_NAME
+    if not (isinstance(path, str) and path.startswith("bundled:")):
+        return None
+    name = path.removeprefix("bundled:")
+    if name not in BUNDLED_MODELS:
+        known = ", ".join(f"'bundled:{n}'" for n in BUNDLED_MODELS)
+        raise ValueError(f"unknown bundled model {path!r}; expected one of {known}")
+    return name
 
 
 def load_folder(folder: Path) -> Pipeline:
