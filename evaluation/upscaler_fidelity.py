@@ -134,10 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", default=None, help="sampler (default: the model's)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype")
     parser.add_argument("--save", default=None, metavar="PNG",
-                        help="also write a comparison strip (nearest | bicubic | upscaler | truth) of 4 scenes")
+                        help="also write a comparison strip (nearest | bicubic | upscaler | truth) of the first scenes")
+    parser.add_argument("--strip-scenes", type=int, default=4, help="scenes in the strip (default: 4)")
+    parser.add_argument("--zoom", type=int, default=1, help="enlarge the strip by this factor, nearest (default: 1)")
     args = parser.parse_args(argv)
-    if args.scenes < 1:
-        raise ValueError(f"--scenes must be >= 1, got {args.scenes}")
+    for name in ("scenes", "strip_scenes", "zoom"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     from latentloom.pipelines.loading import load_pipeline
 
@@ -147,21 +150,23 @@ def main(argv: list[str] | None = None) -> int:
     size = 64 * pipe.vae_scale_factor
     print(format_table(rows, n=args.scenes, size=size))
     if args.save:
-        _save_strip(args.save, rows, seed=args.seed, size=size)
+        _save_strip(args.save, rows, seed=args.seed, size=size, scenes_shown=args.strip_scenes, zoom=args.zoom)
     return 0
 
 
-def _save_strip(path: str, rows: list[dict[str, Any]], *, seed: int, size: int) -> None:
+def _save_strip(path: str, rows: list[dict[str, Any]], *, seed: int, size: int, scenes_shown: int = 4,
+                zoom: int = 1) -> None:
     """Rows of scenes; columns: the 64-px input (nearest), bicubic, the first upscaler setting, the truth."""
     from PIL import Image
 
-    k = min(4, len(rows[-1]["images"]))
+    k = min(scenes_shown, len(rows[-1]["images"]))
     lows, _, _, truth = scenes(k, seed=seed, size=size)
     columns = [[np.asarray(im.resize((size, size), Image.Resampling.NEAREST)) for im in lows],
                [np.asarray(im.resize((size, size), Image.Resampling.BICUBIC)) for im in lows],
                list(next(r for r in rows if "images" in r)["images"][:k]), list(truth)]
     strip = np.concatenate([np.concatenate([col[i] for col in columns], 1) for i in range(k)], 0)
-    Image.fromarray(strip.astype(np.uint8)).save(path)
+    image = Image.fromarray(strip.astype(np.uint8))
+    image.resize((image.width * zoom, image.height * zoom), Image.Resampling.NEAREST).save(path)
     print(f"wrote {path}")
 
 

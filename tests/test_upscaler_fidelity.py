@@ -44,6 +44,10 @@ def test_shape_mismatch_is_refused():
 def test_bad_scene_count_is_refused():
     with pytest.raises(ValueError, match="--scenes must be >= 1, got 0"):
         uf.main(["--scenes", "0"])
+    with pytest.raises(ValueError, match="--zoom must be >= 1, got 0"):
+        uf.main(["--zoom", "0"])
+    with pytest.raises(ValueError, match="--strip-scenes must be >= 1, got -1"):
+        uf.main(["--strip-scenes", "-1"])
 
 
 def test_report_on_a_tiny_pixel_space_upscaler(tmp_path, capsys):
@@ -67,4 +71,12 @@ def test_report_on_a_tiny_pixel_space_upscaler(tmp_path, capsys):
     assert lines[-1] == f"wrote {strip}"
     from PIL import Image
 
-    assert Image.open(strip).size == (4 * 128, 2 * 128)
+    first = np.asarray(Image.open(strip))
+    assert first.shape == (2 * 128, 4 * 128, 3)
+    # one scene, enlarged: the same pixels, each now 2 x 2
+    assert uf.main(["--model", str(out / "upscaler"), "--scenes", "2", "--steps", "2", "--guidance", "1",
+                    "--noise-level", "0", "--dtype", "fp32", "--save", str(strip), "--strip-scenes", "1",
+                    "--zoom", "2"]) == 0
+    zoomed = np.asarray(Image.open(strip))
+    assert zoomed.shape == (2 * 128, 2 * 4 * 128, 3)
+    np.testing.assert_array_equal(zoomed[::2, ::2], first[:128])
