@@ -3,13 +3,16 @@ against the true render at the output size, beside nearest, bicubic and lanczos 
 
     python -m latentloom.evaluation.upscaler_fidelity                   # the bundled upscaler
     python -m latentloom.evaluation.upscaler_fidelity --model OUT/upscaler --scenes 64 --noise-level 0 20
+    python -m latentloom.evaluation.upscaler_fidelity --through-vae bundled:default   # as in the cascade
 
 Columns: PSNR over the whole image; edge PSNR over the pixels within 2 px of an edge of the truth
 (where enlargement errors live: flat regions are easy for every method); sharpness, the RMS
 gradient magnitude in that band over the truth's (1 = as sharp as the truth, below 1 blurrier,
 above 1 ringing or noise); shapes, the share of images whose main shape the procedural checker
 reads as the caption's (color, shape, size, position all right). The scenes come from a seed the
-bundled model never trained on (training used seed 0).
+bundled model never trained on (training used seed 0). With --through-vae the 64-px inputs first
+go through a VAE's round trip, as the outputs of a latent base model look, and every method
+(bicubic too) enlarges those softer images; the truth stays the sharp render.
 """
 from __future__ import annotations
 
@@ -73,13 +76,47 @@ def checker_accuracy(images: np.ndarray, specs: list) -> float:
     return float(np.mean([all(score(im, spec).values()) for im, spec in zip(images, specs)]))
 
 
+def through_vae(lows: list, vae: Any) -> list:
+    """The 64-px PIL images after `vae`'s encode/decode round trip (posterior mode): how a latent
+    base model's outputs look (softer edges), which is what a cascade's upscaler is given."""
+    import torch
+    from PIL import Image
+
+    from latentloom.training.task_unet import vae_round_trip
+
+    low = torch.tensor(np.stack([np.asarray(im) for im in lows])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    trip = vae_round_trip(low, vae, p=1.0, generator=torch.Generator().manual_seed(0))
+    pixels = ((trip / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+def load_low_res_vae(source: str) -> Any:
+    """A VAE folder, a model folder holding vae/, or "bundled:default"."""
+    from pathlib import Path
+
+    from latentloom.pipelines.loading import bundled_name, bundled_model_dir
+    from latentloom.training.export import find_vae_folder
+    from latentloom.training.tasks import load_vae
+
+    name = bundled_name(source)
+    folder = bundled_model_dir(name) if name is not None else Path(source)
+    return load_vae(find_vae_folder(folder)).eval()
+
+
+def inputs(n: int, *, seed: int, size: int, low_res_vae: Any = None) -> tuple[list, list[str], list, np.ndarray]:
+    """`scenes`, with the 64-px inputs passed through `low_res_vae` when one is given."""
+    lows, captions, specs, truth = scenes(n, seed=seed, size=size)
+    return (lows if low_res_vae is None else through_vae(lows, low_res_vae)), captions, specs, truth
+
+
 def evaluate(pipe: Any, *, n: int, seed: int = 1, steps: int | None = None, guidance: list[float | None],
-             noise_levels: list[int], sampler: str | None = None) -> list[dict[str, Any]]:
-    """One row per method: the classical resamplings, then the upscaler at each setting."""
+             noise_levels: list[int], sampler: str | None = None, low_res_vae: Any = None) -> list[dict[str, Any]]:
+    """One row per method: the classical resamplings, then the upscaler at each setting.
+    low_res_vae: score enlargements of the inputs after this VAE's round trip (see `through_vae`)."""
     from PIL import Image
 
     size = 64 * pipe.vae_scale_factor
-    lows, captions, specs, truth = scenes(n, seed=seed, size=size)
+    lows, captions, specs, truth = inputs(n, seed=seed, size=size, low_res_vae=low_res_vae)
     band = edge_band(truth)
     rows = [{"method": "truth", **fidelity(truth, truth, band), "shapes": checker_accuracy(truth, specs)}]
     for name, method in (("nearest", Image.Resampling.NEAREST), ("bicubic", Image.Resampling.BICUBIC),
@@ -114,8 +151,9 @@ def _torch_bicubic(lows: list, size: int) -> np.ndarray:
     return ((x / 2 + 0.5).clip(0, 1) * 255).round()
 
 
-def format_table(rows: list[dict[str, Any]], *, n: int, size: int) -> str:
-    lines = [f"{n} unseen scenes, 64 -> {size} px, against the true {size}-px render",
+def format_table(rows: list[dict[str, Any]], *, n: int, size: int, through: str | None = None) -> str:
+    via = "" if through is None else f" (inputs through the VAE of {through})"
+    lines = [f"{n} unseen scenes, 64 -> {size} px{via}, against the true {size}-px render",
              f"{'method':52s} {'PSNR dB':>8s} {'edge PSNR':>10s} {'sharpness':>10s} {'shapes':>7s}"]
     for r in rows:
         lines.append(f"{r['method']:52s} {r['psnr']:8.2f} {r['edge_psnr']:10.2f} {r['sharpness']:10.3f} "
@@ -135,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype")
     parser.add_argument("--save", default=None, metavar="PNG",
                         help="also write a comparison strip (nearest | bicubic | upscaler | truth) of the first scenes")
+    parser.add_argument("--through-vae", default=None, metavar="VAE",
+                        help="first pass the 64-px inputs through this VAE's round trip, as a cascade's base "
+                             "stage outputs look (a VAE or model folder, or bundled:default)")
     parser.add_argument("--strip-scenes", type=int, default=4, help="scenes in the strip (default: 4)")
     parser.add_argument("--zoom", type=int, default=1, help="enlarge the strip by this factor, nearest (default: 1)")
     args = parser.parse_args(argv)
@@ -145,22 +186,24 @@ def main(argv: list[str] | None = None) -> int:
     from latentloom.pipelines.loading import load_pipeline
 
     pipe = load_pipeline(args.model, device="cpu", dtype=args.dtype)
+    vae = None if args.through_vae is None else load_low_res_vae(args.through_vae)
     rows = evaluate(pipe, n=args.scenes, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                    noise_levels=args.noise_level, sampler=args.sampler)
+                    noise_levels=args.noise_level, sampler=args.sampler, low_res_vae=vae)
     size = 64 * pipe.vae_scale_factor
-    print(format_table(rows, n=args.scenes, size=size))
+    print(format_table(rows, n=args.scenes, size=size, through=args.through_vae))
     if args.save:
-        _save_strip(args.save, rows, seed=args.seed, size=size, scenes_shown=args.strip_scenes, zoom=args.zoom)
+        _save_strip(args.save, rows, seed=args.seed, size=size, scenes_shown=args.strip_scenes, zoom=args.zoom,
+                    low_res_vae=vae)
     return 0
 
 
 def _save_strip(path: str, rows: list[dict[str, Any]], *, seed: int, size: int, scenes_shown: int = 4,
-                zoom: int = 1) -> None:
+                zoom: int = 1, low_res_vae: Any = None) -> None:
     """Rows of scenes; columns: the 64-px input (nearest), bicubic, the first upscaler setting, the truth."""
     from PIL import Image
 
     k = min(scenes_shown, len(rows[-1]["images"]))
-    lows, _, _, truth = scenes(k, seed=seed, size=size)
+    lows, _, _, truth = inputs(k, seed=seed, size=size, low_res_vae=low_res_vae)
     columns = [[np.asarray(im.resize((size, size), Image.Resampling.NEAREST)) for im in lows],
                [np.asarray(im.resize((size, size), Image.Resampling.BICUBIC)) for im in lows],
                list(next(r for r in rows if "images" in r)["images"][:k]), list(truth)]

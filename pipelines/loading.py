@@ -62,7 +62,7 @@ def load_pipeline(
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    bundled = _bundled_name(path)
+    bundled = bundled_name(path)
     if bundled is not None:
         folder = bundled_model_dir(bundled)
         if not (folder / "model_index.json").is_file():
@@ -93,7 +93,7 @@ def load_pipeline(
     return optimize(pipe.to(device=device, dtype=dtype), channels_last=channels_last, compile=compile)
 
 
-def _bundled_name(path: str | os.PathLike | None) -> str | None:
+def bundled_name(path: str | os.PathLike | None) -> str | None:
     """None -> "default"; "bundled:NAME" -> NAME (checked); any other path -> None."""
     if path is None:
         return BUNDLED_NAME
