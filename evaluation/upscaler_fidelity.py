@@ -82,10 +82,11 @@ def through_vae(lows: list, vae: Any) -> list:
     import torch
     from PIL import Image
 
-    from latentloom.training.task_unet import vae_round_trip
+    from latentloom.pipelines.vae import decode_latents, encode_images
 
     low = torch.tensor(np.stack([np.asarray(im) for im in lows])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    trip = vae_round_trip(low, vae, p=1.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trip = decode_latents(vae, encode_images(vae, low, sample=False)).clamp(-1, 1)
     pixels = ((trip / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(p) for p in pixels]
 

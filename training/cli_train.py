@@ -83,10 +83,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--rescale-zero-terminal-snr", action="store_true", help="zero SNR at t = T-1 (use with v)")
     _add(g, "--low-resolution", type=int, help="upscaler: the low-resolution side")
     _add(g, "--max-noise-level", type=int, help="upscaler: largest augmentation noise level")
-    _add(g, "--low-res-vae", metavar="FOLDER",
-         help="upscaler: pass low-res images through this VAE's round trip (the base model's, or its folder), "
-              "so it learns to sharpen what the base stage makes")
-    _add(g, "--low-res-vae-p", type=float, metavar="P", help="upscaler: share of low-res images given that round trip")
     _add(g, "--residual", action="store_true",
          help="upscaler with --vae pixel-shuffle: learn the difference from bicubic enlargement")
     _add(g, "--kl-weight", type=float, help="vae: weight of the KL term")

@@ -75,11 +75,6 @@ class TrainConfig:
     # Upscaler in pixel space: learn the difference from the bicubic enlargement of the low-res
     # image instead of the image itself (so an untrained correction already gives bicubic).
     residual: bool = False
-    # Upscaler of a cascade: pass this share of the low-res images through a VAE's encode/decode
-    # round trip (the base model's VAE), so the upscaler learns to sharpen images as the base
-    # stage makes them, not only clean downsampled ones.
-    low_res_vae: str | None = None
-    low_res_vae_p: float = 0.5
     # LoRA (UNet fine-tuning only): rank 0 means full fine-tuning.
     lora_rank: int = 0
     lora_alpha: float | None = None
@@ -141,10 +136,6 @@ class TrainConfig:
         if self.residual and (self.model != "upscaler" or (self.vae != PIXEL_SHUFFLE and self.pretrained is None)):
             raise ValueError(f"residual=True is for a pixel-space upscaler (model='upscaler', vae='{PIXEL_SHUFFLE}', "
                              f"or pretrained=<a residual upscaler>), got model={self.model!r}, vae={self.vae!r}")
-        if self.low_res_vae is not None and self.model != "upscaler":
-            raise ValueError(f"low_res_vae is for the upscaler (model='upscaler'), got model={self.model!r}")
-        if not 0.0 < self.low_res_vae_p <= 1.0:
-            raise ValueError(f"low_res_vae_p must be in (0, 1], got {self.low_res_vae_p}")
         if self.model in ("unet", "vae", "clip", "upscaler") and self.data is None:
             raise ValueError(f"training model={self.model!r} needs data=<folder of captioned images>")
 

@@ -47,21 +47,6 @@ def degrade(hi: torch.Tensor, *, low_resolution: int) -> torch.Tensor:
     return F.interpolate(hi, size=(low_resolution, low_resolution), mode="area")
 
 
-@torch.no_grad()
-def vae_round_trip(low: torch.Tensor, vae: nn.Module, *, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Replace a random share p of the (B, 3, r, r) low-res images by decode(encode(image)) (the
-    posterior mode), clamped to [-1, 1]: what a latent base model's outputs look like."""
-    from latentloom.pipelines.vae import decode_latents, encode_images
-
-    pick = torch.rand(low.shape[0], device=low.device, generator=generator) < p  # (B,)
-    if not bool(pick.any()):
-        return low
-    trip = decode_latents(vae, encode_images(vae, low[pick], sample=False)).clamp(-1, 1).to(low.dtype)
-    out = low.clone()
-    out[pick] = trip
-    return out
-
-
 def upscaler_condition(
     low: torch.Tensor, *, noise_level: torch.Tensor, size: tuple[int, int], generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -93,7 +78,6 @@ class UNetTask:
         latent_channels: int | None = None,
         use_context_mask: bool = True,
         writers: dict[str, Any] | None = None,
-        low_res_vae: nn.Module | None = None,
     ) -> None:
         """latent_channels: what x0 has when neither a VAE nor pixels say (precomputed latents).
         use_context_mask: pass the text padding mask to cross-attention (latentloom models do;
@@ -102,7 +86,7 @@ class UNetTask:
         self.use_context_mask, self.writers = use_context_mask, dict(writers or {})
         self.cfg, self.model, self.text_encoder, self.dataset = cfg, unet, text_encoder, dataset
         self.vae, self.vae_source, self.copy_from, self.upscaler = vae, vae_source, copy_from, upscaler
-        self.alphas_cumprod, self.low_res_vae = alphas_cumprod, low_res_vae
+        self.alphas_cumprod = alphas_cumprod
         in_channels = unet.config.in_channels
         image_channels = vae.config.latent_channels if vae is not None else (latent_channels or 3)
         expected = image_channels + (3 if upscaler else 0)
@@ -154,16 +138,14 @@ class UNetTask:
         else:
             pixels = batch["pixel_values"].to(device=device, dtype=torch.float32)  # (B, 3, R, R)
             target = pixels
-            if self.upscaler:  # the low-res view, drawn once: the residual's base and the condition share it
-                low = degrade(pixels, low_resolution=cfg.low_resolution)
-                if self.low_res_vae is not None:
-                    low = vae_round_trip(low, self.low_res_vae, p=cfg.low_res_vae_p, generator=generators["noise"])
             if self.upscaler and cfg.residual:  # learn what bicubic enlargement of the low-res view gets wrong
+                low = degrade(pixels, low_resolution=cfg.low_resolution)
                 target = pixels - residual_base(low, tuple(pixels.shape[-2:]))
             x0 = self.targets(target, generator=generators["noise"])  # (B, C, h, w)
         extra: dict[str, Any] = {}
         cond = None
         if self.upscaler:
+            low = degrade(pixels, low_resolution=cfg.low_resolution)
             noise_level = torch.randint(0, cfg.max_noise_level + 1, (x0.shape[0],), device=device,
                                         generator=generators["noise"])
             cond = upscaler_condition(low, noise_level=noise_level, size=tuple(x0.shape[-2:]),

@@ -209,12 +209,9 @@ def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
         from latentloom.training.lora import add_lora
 
         add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-    low_res_vae = None
-    if cfg.low_res_vae is not None:
-        low_res_vae = load_vae(find_vae_folder(cfg.low_res_vae)).to(device).eval().requires_grad_(False)
     return UNetTask(cfg, unet=unet, text_encoder=text_encoder, dataset=dataset, alphas_cumprod=alphas_cumprod,
                     vae=vae, vae_source=vae_source, copy_from=copy_from, upscaler=upscaler,
-                    use_context_mask=use_context_mask, low_res_vae=low_res_vae)
+                    use_context_mask=use_context_mask)
 
 
 def build_latent_cache(cfg: TrainConfig, dataset: Any, *, vae: Any, vae_source: Any, text_encoder: Any,
