@@ -62,6 +62,8 @@ demo: $(VENV)/.installed
 		exit 1; \
 	fi
 	$(VENV)/bin/latentloom generate $(DEMO_PROMPTS) --seed 0 --no-progress --output demo/shapes.png
+	$(VENV)/bin/latentloom upscale "a large yellow star in the center of a black background" \
+		--image demo/shapes-1.png --seed 0 --no-progress --output demo/shapes-1-128px.png
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo

@@ -69,7 +69,7 @@ def test_everything_bundled_fits_the_budget():
     from latentloom.weights import WEIGHTS_DIR
 
     total = sum(p.stat().st_size for p in WEIGHTS_DIR.rglob("*") if p.is_file())
-    assert total <= 40 * 2**20, f"weights/ takes {total / 2**20:.1f} MiB, the budget is 40 MiB"
+    assert total <= 40 * 10**6, f"weights/ takes {total / 10**6:.1f} MB, the budget is 40 MB"
 
 
 def test_upscaler_beats_bicubic_on_unseen_scenes(upscaler):
