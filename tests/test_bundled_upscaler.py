@@ -93,3 +93,19 @@ def test_cascade_of_the_bundled_models_keeps_color_and_place(upscaler):
     mask = color_mask(image, color)
     assert mask.sum() >= 4 * 50, f"only {mask.sum()} {color} pixels"
     assert side_of(mask) == position
+
+
+def test_the_bundled_upscaler_fine_tunes_by_name(tmp_path):
+    from latentloom.training.config import TrainConfig
+    from latentloom.training.loop import train
+    from latentloom.training.synthetic_shapes import write_dataset
+
+    data = write_dataset(tmp_path / "data", 2, seed=3, size=128)
+    common = dict(model="upscaler", data=str(data), resolution=128, low_resolution=64, max_noise_level=20,
+                  batch_size=1, steps=1, progress=False, random_flip=False, prediction_type="v_prediction")
+    with pytest.warns(UserWarning, match="learned the residual over bicubic, so this run does too"):
+        out = train(TrainConfig(pretrained="bundled:upscaler", output=str(tmp_path / "m"), **common))
+    index = json.loads((out / "upscaler" / "model_index.json").read_text())
+    assert index["residual"] == "bicubic"  # the bundled stage's own target, kept
+    with pytest.raises(ValueError, match="unknown bundled model 'bundled:nope'"):
+        train(TrainConfig(pretrained="bundled:nope", output=str(tmp_path / "n"), **common))

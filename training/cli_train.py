@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--output", metavar="OUT", help="model folder to write (checkpoints in OUT/checkpoints)")
     _add(g, "--config", dest="model_config", metavar="JSON",
          help="the model's architecture for training from scratch (UNetConfig / AutoencoderKL / ImageTextConfig JSON)")
-    _add(g, "--pretrained", metavar="FOLDER", help="fine-tune this latentloom model folder instead")
+    _add(g, "--pretrained", metavar="FOLDER",
+         help="fine-tune this model folder instead (bundled:default and bundled:upscaler name the bundled ones)")
     _add(g, "--vae", metavar="FOLDER", help="a trained VAE folder (default: OUT/vae when it exists; else pixel space); upscaler: "
          "'pixel-shuffle' for pixel space, folded into latents by space-to-depth")
     _add(g, "--resolution", type=int, help="training image size")

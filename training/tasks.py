@@ -97,6 +97,7 @@ def _check_schedule_matches(cfg: TrainConfig, schedule: dict[str, Any], source: 
 
 def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
               barrier: Callable[[], None] = lambda: None):
+    cfg = _resolve_bundled(cfg)
     if cfg.model == "vae":
         from latentloom.training.task_vae import VAETask, build_vae
 
@@ -241,6 +242,16 @@ def build_latent_cache(cfg: TrainConfig, dataset: Any, *, vae: Any, vae_source: 
     if not is_main:
         cache = LatentCache(dataset, encode_image=encode_image, encode_text=text_encoder.encode, path=path, key=key)
     return cache
+
+
+def _resolve_bundled(cfg: TrainConfig) -> TrainConfig:
+    """pretrained="bundled:NAME" -> the installed weights/NAME folder (the run's saved config keeps the name)."""
+    from latentloom.pipelines.loading import bundled_model_dir, bundled_name
+
+    if not (isinstance(cfg.pretrained, str) and cfg.pretrained.startswith("bundled:")):
+        return cfg
+    folder = bundled_model_dir(bundled_name(cfg.pretrained))
+    return TrainConfig.from_dict({**cfg.to_dict(), "pretrained": str(folder)})
 
 
 def upscaler_folder(pretrained: str | Path) -> Path:
