@@ -12,7 +12,7 @@ VAE_TILING = {"auto": None, "on": True, "off": False}
 
 # recipe keys that `--from` passes back to the pipeline call
 _REPLAYED = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "guidance_rescale", "sampler",
-             "karras_sigmas", "seed", "clip_guidance_scale", "height", "width", "vae_tiling")
+             "karras_sigmas", "seed", "clip_guidance_scale", "height", "width", "vae_tiling", "scheduler_config")
 
 
 def register(subparsers) -> None:
@@ -39,6 +39,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     kwargs = call_kwargs(args, SAMPLING_NAMES + ("height", "width"))
     tiling = VAE_TILING[getattr(args, "vae_tiling", "auto")]
+    legacy_schedule = False
     if tiling is not None:
         kwargs["vae_tiling"] = tiling
     if args.from_image is not None:
@@ -53,6 +54,12 @@ def run(args: argparse.Namespace) -> int:
         if recipe.get("seed") is None:
             return fail(f"{args.from_image} was made with a caller's generator, so its seed is unknown")
         replay = {k: recipe[k] for k in _REPLAYED if recipe.get(k) is not None}
+        if "sampler" in kwargs and kwargs["sampler"] != recipe.get("sampler"):
+            # the recorded scheduler settings were resolved for the recipe's sampler; another takes its own
+            replay.pop("scheduler_config", None)
+        elif "scheduler_config" not in replay:
+            # made before recipes recorded them: replay latentloom's old fill-ins (set once the model loads)
+            legacy_schedule = True
         kwargs = {**replay, **{k: v for k, v in kwargs.items() if k != "num_images_per_prompt"}}
         if len(args.prompt) > 1:
             return fail("--from re-creates one image: give at most one prompt to replace its recipe's")
@@ -68,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         kwargs["prompt"] = args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
     try:
         pipe = load(args)
+        if legacy_schedule:
+            kwargs["scheduler_config"] = pipe.schedule_config.legacy_settings()
         out = pipe(**kwargs, progress=not args.no_progress)
         report_saved(out.save(args.output))
     except (ValueError, TypeError, OSError) as err:  # OSError: a full disk, an output path that is a folder

@@ -17,6 +17,7 @@ from latentloom.pipelines.vae import check_tiling, decode_latents, images_to_num
 from latentloom.samplers import get_sampler
 from latentloom.samplers.denoiser import Denoiser
 from latentloom.samplers.guidance import CFGDenoiser
+from latentloom.samplers.schedules import ScheduleConfig
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_PIXELS = 4096 * 4096  # beyond this a request is a mistake, not a wish
@@ -200,10 +201,10 @@ def repeat_cond(cond: dict, repeats: int) -> dict:
 
 
 def build_denoiser(pipe, *, cond: dict, uncond: dict | None, guidance_scale: float, guidance_rescale: float,
-                   extra: dict | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The guided denoiser (x, sigma) -> x0 for this call. `extra` holds conditioning shared by
-    both halves (concat channels, class labels)."""
-    denoiser = Denoiser(UNetCall(pipe.unet), pipe.schedule, prediction_type=pipe.schedule_config.prediction_type)
+                   schedule: ScheduleConfig, extra: dict | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The guided denoiser (x, sigma) -> x0 for this call, on the call's resolved `schedule`.
+    `extra` holds conditioning shared by both halves (concat channels, class labels)."""
+    denoiser = Denoiser(UNetCall(pipe.unet), pipe.discrete_schedule(schedule), prediction_type=schedule.prediction_type)
     extra = extra or {}
     if uncond is None:
         return lambda x, sigma: denoiser(x, sigma, **cond, **extra)
@@ -212,9 +213,11 @@ def build_denoiser(pipe, *, cond: dict, uncond: dict | None, guidance_scale: flo
 
 
 def run_sampler(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator,
-                callback: Callable | None, progress: bool) -> torch.Tensor:
-    """Run solver `name` with a tqdm bar over its steps (off with progress=False)."""
+                callback: Callable | None, progress: bool, schedule: ScheduleConfig) -> torch.Tensor:
+    """Run solver `name` with a tqdm bar over its steps (off with progress=False), with the
+    options its resolved `schedule` asks for (clip_sample)."""
     check_callback(callback)
+    options = {"clip_denoised": schedule.clip_sample_range} if schedule.clip_sample else {}
     sample = get_sampler(name)
     bar = tqdm(total=len(sigmas) - 1, desc=f"latentloom {name}", disable=not progress, leave=False)
 
@@ -224,7 +227,7 @@ def run_sampler(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, g
             callback(i, sigma, x_i, denoised)
 
     try:
-        return sample(denoiser, x, sigmas, generator=generator, callback=on_step)
+        return sample(denoiser, x, sigmas, generator=generator, callback=on_step, **options)
     finally:
         bar.close()
 
@@ -265,6 +268,7 @@ class CallArgs:
     output_type: str
     generator: Any
     seeds: list[int | None]
+    schedule: ScheduleConfig  # the model's, resolved for this sampler (`ScheduleConfig.for_sampler`)
     vae_tiling: bool | None = None  # None: decode_latents chooses by size
 
     @property
@@ -274,7 +278,8 @@ class CallArgs:
 
 def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: Any, guidance_scale: Any,
                guidance_rescale: Any, sampler: Any, karras_sigmas: Any, num_images_per_prompt: Any,
-               output_type: Any, seed: Any, generator: Any, vae_tiling: Any = None) -> CallArgs:
+               output_type: Any, seed: Any, generator: Any, vae_tiling: Any = None,
+               scheduler_config: Any = None) -> CallArgs:
     """Check the shared arguments (None = the model's default) before any work is done."""
     d = pipe.defaults
     prompts = check_prompt_list(prompt)
@@ -285,23 +290,41 @@ def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: 
     rescale = check_float(guidance_rescale, "guidance_rescale", low=0.0, high=1.0)
     sampler = sampler or d.sampler
     get_sampler(sampler)
+    schedule = call_schedule(pipe, sampler, scheduler_config)
     per_prompt = check_int(num_images_per_prompt, "num_images_per_prompt", low=1, high=64)
     output_type = check_output_type(output_type)
-    karras = pipe.schedule_config.use_karras_sigmas if karras_sigmas is None else check_bool(karras_sigmas,
-                                                                                             "karras_sigmas")
+    karras = schedule.use_karras_sigmas if karras_sigmas is None else check_bool(karras_sigmas, "karras_sigmas")
     vae_tiling = check_tiling(vae_tiling)
     generator, seeds = make_generators(seed=seed, generator=generator, batch=len(prompts) * per_prompt)
     return CallArgs(prompts, negatives, steps, scale, rescale, sampler, karras, per_prompt, output_type,
-                    generator, seeds, vae_tiling)
+                    generator, seeds, schedule, vae_tiling)
+
+
+def call_schedule(pipe, sampler: str, scheduler_config: Any = None) -> ScheduleConfig:
+    """The model's schedule as diffusers' scheduler for `sampler` would run it (a key the model's
+    scheduler_config.json leaves out takes that class's default), with the caller's
+    `scheduler_config` settings (a dict of such keys, e.g. a recipe's) stated over it."""
+    config = pipe.schedule_config
+    if scheduler_config is not None:
+        if not isinstance(scheduler_config, dict):
+            raise TypeError(f"scheduler_config must be a dict of scheduler_config.json keys, got "
+                            f"{type(scheduler_config).__name__}")
+        config = config.with_settings(scheduler_config)
+    schedule = config.for_sampler(sampler)
+    if schedule.num_train_timesteps != pipe.schedule.num_train_timesteps:
+        raise ValueError(f"num_train_timesteps {schedule.num_train_timesteps} does not match this model's "
+                         f"{pipe.schedule.num_train_timesteps}")
+    return schedule
 
 
 def call_sigmas(pipe, call: CallArgs) -> torch.Tensor:
-    """The full sigma ladder (N + 1,) for this call's sampler and step count."""
+    """The full sigma ladder (N + 1,) for this call's sampler, step count and resolved schedule."""
     from latentloom.samplers.schedules import make_sigmas
 
-    cfg = pipe.schedule_config
-    return make_sigmas(pipe.schedule, call.steps, sampler=call.sampler, timestep_spacing=cfg.timestep_spacing,
-                       steps_offset=cfg.steps_offset, karras=call.karras, set_alpha_to_one=cfg.set_alpha_to_one)
+    cfg = call.schedule
+    return make_sigmas(pipe.discrete_schedule(cfg), call.steps, sampler=call.sampler,
+                       timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset, karras=call.karras,
+                       set_alpha_to_one=cfg.set_alpha_to_one)
 
 
 def guided_denoiser(pipe, call: CallArgs, *, extra: dict | None = None):
@@ -310,7 +333,7 @@ def guided_denoiser(pipe, call: CallArgs, *, extra: dict | None = None):
     cond = repeat_cond(cond, call.per_prompt)
     uncond = repeat_cond(uncond, call.per_prompt) if uncond is not None else None
     return build_denoiser(pipe, cond=cond, uncond=uncond, guidance_scale=call.scale,
-                          guidance_rescale=call.rescale, extra=extra)
+                          guidance_rescale=call.rescale, schedule=call.schedule, extra=extra)
 
 
 def call_recipes(pipe, call: CallArgs, *, height: int, width: int, task: str, **fields: Any) -> list[dict]:
@@ -322,7 +345,7 @@ def call_recipes(pipe, call: CallArgs, *, height: int, width: int, task: str, **
         "guidance_scale": call.scale, "guidance_rescale": call.rescale, "clip_guidance_scale": 0.0,
         "height": height, "width": width, "model": pipe.name, "model_hash": pipe.model_hash(),
         "dtype": str(pipe.dtype).removeprefix("torch."), "latentloom_version": latentloom.__version__,
-        "task": task, **fields,
+        "scheduler_config": call.schedule.settings(), "task": task, **fields,
     }
     n = call.per_prompt
     return [

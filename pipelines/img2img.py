@@ -34,6 +34,7 @@ def image_to_image(
     guidance_rescale: float = 0.0,
     sampler: str | None = None,
     karras_sigmas: bool | None = None,
+    scheduler_config: dict | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     seed: int | None = None,
     num_images_per_prompt: int = 1,
@@ -53,7 +54,8 @@ def image_to_image(
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
                       karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
-                      output_type=output_type, seed=seed, generator=generator)
+                      output_type=output_type, seed=seed, generator=generator,
+                      scheduler_config=scheduler_config)
     strength = check_strength(strength)
     check_unet_channels(pipe, expected=(pipe.latent_channels,), task="img2img")
     pixels = per_prompt_images(images_to_tensor(image), len(call.prompts))  # (n, 3, H, W) in [0, 1]
@@ -66,7 +68,7 @@ def image_to_image(
     noise = randn(x0.shape, generator=call.generator, device=pipe.device, dtype=torch.float32)
     x = add_noise(x0, noise, sigmas[0])
     x = run_sampler(call.sampler, denoiser, x, sigmas.to(pipe.device), generator=call.generator,
-                    callback=callback, progress=progress)
+                    callback=callback, progress=progress, schedule=call.schedule)
     images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type)
     recipes = call_recipes(pipe, call, height=height, width=width, task="img2img", strength=strength)
     record_hashes(recipes, pixels, "image_hash")

@@ -71,6 +71,7 @@ def inpaint(
     guidance_rescale: float = 0.0,
     sampler: str | None = None,
     karras_sigmas: bool | None = None,
+    scheduler_config: dict | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     seed: int | None = None,
     num_images_per_prompt: int = 1,
@@ -93,7 +94,8 @@ def inpaint(
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
                       karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
-                      output_type=output_type, seed=seed, generator=generator)
+                      output_type=output_type, seed=seed, generator=generator,
+                      scheduler_config=scheduler_config)
     strength = check_strength(strength)
     c = pipe.latent_channels
     channels = check_unet_channels(pipe, expected=(c, 2 * c + 1), task="inpaint")
@@ -128,13 +130,12 @@ def inpaint(
         latent_mask = expand_to_batch(nearest_latent_mask(cond_mask, f), batch)
         denoiser = guided_denoiser(pipe, call, extra={"concat": torch.cat([latent_mask, masked_latents], dim=1)})
 
-    cfg = pipe.schedule_config
     if strength == 1.0:  # pure noise, as diffusers (not x0 + sigma_max * noise)
-        x = initial_latents(noise, sigmas, sampler=call.sampler, timestep_spacing=cfg.timestep_spacing)
+        x = initial_latents(noise, sigmas, sampler=call.sampler, timestep_spacing=call.schedule.timestep_spacing)
     else:
         x = add_noise(x0, noise, sigmas[0])
     x = run_sampler(call.sampler, denoiser, x, sigmas.to(device), generator=gen, callback=callback,
-                    progress=progress)
+                    progress=progress, schedule=call.schedule)
     latents = final_latents(x, sigmas)
     if channels == c:
         latents = torch.lerp(x0, latents, latent_mask)

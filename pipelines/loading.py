@@ -191,7 +191,9 @@ def _attach_low_res_schedule(pipe: Pipeline, folder: Path, index: dict[str, Any]
     low_res = _read_json(folder / "low_res_scheduler" / "scheduler_config.json")
     with warnings.catch_warnings():  # only its betas are used (add_noise), so its step settings do not matter
         warnings.simplefilter("ignore", UserWarning)
-        pipe.low_res_schedule = DiscreteSchedule.from_config(ScheduleConfig.from_diffusers_config(low_res))
+        # diffusers reads it into a DDPMScheduler, so keys it leaves out take DDPM's defaults
+        low_res_config = ScheduleConfig.from_diffusers_config(low_res).for_sampler("ddpm")
+        pipe.low_res_schedule = DiscreteSchedule.from_config(low_res_config)
     pipe.max_noise_level = int(index.get("max_noise_level", 350))
     from latentloom.pipelines.upscale_residual import check_residual
 

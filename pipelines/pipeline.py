@@ -39,6 +39,7 @@ class Pipeline:
         self.text_encoder = text_encoder
         self.schedule_config = schedule_config
         self.schedule = DiscreteSchedule.from_config(schedule_config)
+        self._schedules: dict[tuple, DiscreteSchedule] = {}  # by betas, see discrete_schedule
         self.name = name
         self.use_context_mask = use_context_mask
         self.defaults = defaults or CallDefaults()
@@ -48,6 +49,16 @@ class Pipeline:
         self._model_hash: str | None = None
         self.compiled = False  # set by compile(): the UNet's weights may be frozen into its graph
         self.loras: list[tuple[Path, float]] = []  # merged LoRA files and scales, part of model_hash
+
+    def discrete_schedule(self, config: ScheduleConfig) -> DiscreteSchedule:
+        """The sigma table of a resolved schedule (`ScheduleConfig.for_sampler`): a key the model's
+        config leaves out can give samplers different betas, so each set of betas gets its own."""
+        betas = tuple(config.trained_betas) if config.trained_betas is not None else None
+        key = (config.beta_schedule, config.beta_start, config.beta_end, config.num_train_timesteps,
+               config.rescale_betas_zero_snr, betas)
+        if key not in self._schedules:
+            self._schedules[key] = DiscreteSchedule.from_config(config)
+        return self._schedules[key]
 
     @property
     def device(self) -> torch.device:

@@ -22,9 +22,14 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
-# Stable Diffusion's training schedule: the same for 1.x and 2.x
-SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
-                   timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
+# The scheduler settings diffusers' `from_single_file` gives each kind of checkpoint: the
+# scheduler_config.json of the release it reads its configs from (SD 1.5 for 1.x, SD 2.1 for 2.x,
+# the SD 1.5 / SD 2 inpainting releases for 9-channel UNets; tests/data/release_configs). They
+# state these keys alike and leave timestep_spacing out, so each sampler takes its diffusers
+# class's default for it, as in diffusers; 2.x releases state their prediction type too.
+SD_SCHEDULER_CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                           num_train_timesteps=1000, steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+                           trained_betas=None)
 
 
 def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -99,7 +104,10 @@ def _build(path: Path, state: dict[str, torch.Tensor], *, tokenizer, prediction_
             warnings.warn(f"{path.name}: an SD 2.x checkpoint does not say its prediction type; using "
                           "'v_prediction' (768-v). Pass prediction_type='epsilon' for the 512-base model.",
                           stacklevel=4)
-    schedule = ScheduleConfig(prediction_type=prediction_type, **SD_SCHEDULE)
+    stated = {**SD_SCHEDULER_CONFIG, **({"prediction_type": prediction_type} if sd2 else {})}
+    schedule = ScheduleConfig.from_diffusers_config(stated)
+    if schedule.prediction_type != prediction_type:  # an SD 1.x file given prediction_type= by the caller
+        schedule = schedule.with_settings({"prediction_type": prediction_type})
     side = (768 if sd2 and prediction_type == "v_prediction" else 512)
     return Pipeline(unet=unet, vae=vae, text_encoder=encoder, schedule_config=schedule, name=str(path),
                     use_context_mask=False, defaults=CallDefaults(height=side, width=side), weights_files=[path])

@@ -25,6 +25,7 @@ def text_to_image(
     width: int | None = None,
     sampler: str | None = None,
     karras_sigmas: bool | None = None,
+    scheduler_config: dict | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     seed: int | None = None,
     num_images_per_prompt: int = 1,
@@ -41,14 +42,20 @@ def text_to_image(
     `seed=s` makes image i from seed s + i, so any image of a batch can be re-made alone;
     `generator` is used exactly as diffusers uses it, so the same generator gives the same
     image as diffusers with the same weights and sampler. `sampler` is a name from
-    `latentloom.samplers.SAMPLERS`. `vae_tiling`: None decodes large images in VAE tiles
+    `latentloom.samplers.SAMPLERS`; it runs on the model's scheduler settings as diffusers'
+    scheduler of that name swapped in with `Cls.from_config(pipe.scheduler.config)` would: a key
+    the model's scheduler_config.json leaves out takes that class's default (README, "Same images
+    as diffusers"). `scheduler_config`: settings stated over the model's for this call (a dict of
+    scheduler_config.json keys, e.g. `{"timestep_spacing": "trailing"}`; recipes record them under
+    that name). `vae_tiling`: None decodes large images in VAE tiles
     (see `latentloom.pipelines.vae.decode_latents`), True / False force it. Returns
     `PipelineOutput(images, recipes)`.
     """
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
                       karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
-                      output_type=output_type, seed=seed, generator=generator, vae_tiling=vae_tiling)
+                      output_type=output_type, seed=seed, generator=generator, vae_tiling=vae_tiling,
+                      scheduler_config=scheduler_config)
     d = pipe.defaults
     height, width = check_size(pipe, d.height if height is None else height, d.width if width is None else width)
     if clip_guidance_scale is None:  # the model's default; 0 unless it ships an image-text model
@@ -66,9 +73,9 @@ def text_to_image(
     f = pipe.vae_scale_factor
     shape = (call.batch, pipe.latent_channels, height // f, width // f)
     noise = randn(shape, generator=call.generator, device=pipe.device, dtype=torch.float32)
-    x = initial_latents(noise, sigmas, sampler=call.sampler, timestep_spacing=pipe.schedule_config.timestep_spacing)
+    x = initial_latents(noise, sigmas, sampler=call.sampler, timestep_spacing=call.schedule.timestep_spacing)
     x = run_sampler(call.sampler, denoiser, x, sigmas.to(pipe.device), generator=call.generator,
-                    callback=callback, progress=progress)
+                    callback=callback, progress=progress, schedule=call.schedule)
     images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type, vae_tiling=call.vae_tiling)
     recipes = call_recipes(pipe, call, height=height, width=width, task="txt2img", clip_guidance_scale=clip_scale,
                            vae_tiling=call.vae_tiling)

@@ -47,6 +47,7 @@ def upscale(
     guidance_rescale: float = 0.0,
     sampler: str | None = None,
     karras_sigmas: bool | None = None,
+    scheduler_config: dict | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     seed: int | None = None,
     num_images_per_prompt: int = 1,
@@ -68,7 +69,8 @@ def upscale(
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
                       karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
-                      output_type=output_type, seed=seed, generator=generator)
+                      output_type=output_type, seed=seed, generator=generator,
+                      scheduler_config=scheduler_config)
     c = pipe.latent_channels
     check_unet_channels(pipe, expected=(c + 3,), task="upscale")
     schedule, max_level = upscaler_parts(pipe)
@@ -94,9 +96,9 @@ def upscale(
     denoiser = guided_denoiser(pipe, call, extra={"concat": low, "class_labels": labels})
 
     noise = randn((batch, c, h, w), generator=gen, device=device, dtype=torch.float32)
-    x = initial_latents(noise, sigmas, sampler=call.sampler, timestep_spacing=pipe.schedule_config.timestep_spacing)
+    x = initial_latents(noise, sigmas, sampler=call.sampler, timestep_spacing=call.schedule.timestep_spacing)
     x = run_sampler(call.sampler, denoiser, x, sigmas.to(device), generator=gen, callback=callback,
-                    progress=progress)
+                    progress=progress, schedule=call.schedule)
     images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type, base=base)
     recipes = call_recipes(pipe, call, height=height, width=width, task="upscale", noise_level=noise_level,
                            input_height=h, input_width=w)

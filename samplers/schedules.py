@@ -69,7 +69,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 # diffusers config keys latentloom does not model, with the values that leave the math unchanged.
 _NEUTRAL_SETTINGS: dict[str, tuple] = {
-    "clip_sample": (False,), "thresholding": (False,), "use_exponential_sigmas": (False, None),
+    "thresholding": (False,), "use_exponential_sigmas": (False, None),
     "use_beta_sigmas": (False, None), "use_lu_lambdas": (False, None), "use_flow_sigmas": (False, None),
     "timestep_type": ("discrete",), "interpolation_type": ("linear", None), "final_sigmas_type": ("zero",),
     "variance_type": (None, "fixed_small"), "euler_at_final": (False,), "use_dynamic_shifting": (False,),
@@ -79,9 +79,23 @@ _NEUTRAL_SETTINGS: dict[str, tuple] = {
 }
 
 
+# What a recipe records of the schedule a call ran with (`ScheduleConfig.settings`); trained
+# betas come from the model, the Karras switch is the call's own `karras_sigmas`.
+RECIPE_KEYS = ("prediction_type", "beta_schedule", "beta_start", "beta_end", "num_train_timesteps",
+               "timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "set_alpha_to_one", "clip_sample",
+               "clip_sample_range")
+
+
 @dataclass
 class ScheduleConfig:
-    """The scheduler settings of a model (what a diffusers `scheduler_config.json` says)."""
+    """The scheduler settings of a model (what a diffusers `scheduler_config.json` says).
+
+    `stated` holds the keys its source stated (None: all, as for a config built in code).
+    Sampling never uses a left-out key's field value: `for_sampler` fills it with the default
+    of the diffusers class behind the sampler, as diffusers' `from_config` does. The field
+    defaults below are what latentloom filled in before it followed that rule; `legacy_settings`
+    keeps them so that older recipes replay as they were made.
+    """
 
     prediction_type: str = "epsilon"
     beta_schedule: str = "scaled_linear"
@@ -94,7 +108,11 @@ class ScheduleConfig:
     use_karras_sigmas: bool = False
     # DDIM only: False makes its last step land on sigma(t=0) instead of 0 (SD configs say False)
     set_alpha_to_one: bool = True
+    # DDPM / DDIM / Heun: clamp the x0 estimate to [-clip_sample_range, clip_sample_range]
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
     trained_betas: list[float] | None = field(default=None, repr=False)
+    stated: frozenset[str] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -103,12 +121,17 @@ class ScheduleConfig:
             raise ValueError(f"beta_schedule {self.beta_schedule!r} not in {BETA_SCHEDULES}")
         if self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing {self.timestep_spacing!r} not in {TIMESTEP_SPACINGS}")
+        if not (isinstance(self.clip_sample_range, (int, float)) and self.clip_sample_range > 0):
+            raise ValueError(f"clip_sample_range must be a number > 0, got {self.clip_sample_range!r}")
+        if self.stated is not None:
+            self.stated = frozenset(self.stated)
 
     @classmethod
     def from_diffusers_config(cls, d: dict[str, Any]) -> "ScheduleConfig":
-        """Build from a diffusers scheduler config dict. Keys this class does not model are
-        ignored; a warning names those whose value would change the sampling math."""
-        names = {f.name for f in fields(cls)}
+        """Build from a diffusers scheduler config dict, remembering which keys it states. Keys
+        this class does not model are ignored; a warning names those whose value would change
+        the sampling math."""
+        names = {f.name for f in fields(cls)} - {"stated"}
         kwargs = {k: v for k, v in d.items() if k in names}
         ignored = [f"{k}={d[k]!r}" for k, ok in _NEUTRAL_SETTINGS.items() if k in d and d[k] not in ok]
         if ignored:
@@ -116,7 +139,48 @@ class ScheduleConfig:
                 f"scheduler config settings not supported by latentloom samplers are ignored: {', '.join(ignored)}",
                 stacklevel=2,
             )
-        return cls(**kwargs)
+        return cls(**kwargs, stated=frozenset(kwargs))
+
+    def is_stated(self, key: str) -> bool:
+        return self.stated is None or key in self.stated
+
+    def with_settings(self, settings: dict[str, Any]) -> "ScheduleConfig":
+        """A copy with `settings` (scheduler_config.json keys, e.g. from a recipe) stated over these."""
+        names = {f.name for f in fields(self)} - {"stated"}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise ValueError(f"unknown scheduler settings {unknown}; expected keys among {sorted(names)}")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        stated = None if self.stated is None else self.stated | set(settings)
+        return ScheduleConfig(**{**values, **settings, "stated": stated})
+
+    def for_sampler(self, sampler: str) -> "ScheduleConfig":
+        """The settings diffusers' scheduler for `sampler` runs with when swapped in by
+        `Cls.from_config(this config)`: each stated key the class accepts, else that class's
+        default; keys the class does not accept are off (see `scheduler_defaults`)."""
+        from .scheduler_defaults import NOT_ACCEPTED, class_defaults
+
+        defaults = class_defaults(sampler)
+        values = {}
+        for f in fields(self):
+            if f.name == "stated":
+                continue
+            if f.name not in defaults:
+                values[f.name] = NOT_ACCEPTED[f.name]
+            elif self.is_stated(f.name):
+                values[f.name] = getattr(self, f.name)
+            else:
+                values[f.name] = defaults[f.name]
+        return ScheduleConfig(**values)
+
+    def settings(self) -> dict[str, Any]:
+        """The values a recipe records (`RECIPE_KEYS`); replayed through `with_settings`."""
+        return {k: getattr(self, k) for k in RECIPE_KEYS}
+
+    def legacy_settings(self) -> dict[str, Any]:
+        """What latentloom sampled with before it followed diffusers' rule, for every sampler: a
+        left-out key took this class's field default, and clip_sample was not applied."""
+        return {**self.settings(), "clip_sample": False}
 
 
 class DiscreteSchedule:

@@ -41,6 +41,10 @@ def _s(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigma.expand(x.shape[0])
 
 
+def _clamp(denoised: torch.Tensor, limit: float | None) -> torch.Tensor:
+    return denoised if limit is None else denoised.clamp(-limit, limit)
+
+
 def _noise_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
     return randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
@@ -85,15 +89,20 @@ def sample_euler_a(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, 
 
 @torch.no_grad()
 def sample_ddim(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
-                callback: Callback = None, eta: float = 0.0) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12) with stochasticity eta, in VE form; = diffusers DDIMScheduler."""
+                callback: Callback = None, eta: float = 0.0, clip_denoised: float | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) with stochasticity eta, in VE form; = diffusers DDIMScheduler.
+
+    clip_denoised: diffusers' clip_sample_range when clip_sample is on; the x0 estimate is
+    clamped to it, while the step's noise estimate keeps the unclamped one, as diffusers does.
+    """
     x, sigmas, dtype = _check(x, sigmas)
     for i in range(sigmas.numel() - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, _s(sigma, x))
+        eps = (x - denoised) / sigma
+        denoised = _clamp(denoised, clip_denoised)
         if callback is not None:
             callback(i, sigma, x, denoised)
-        eps = (x - denoised) / sigma
         if eta > 0:
             sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
             x = denoised + sigma_down * eps + sigma_up * _noise_like(x, generator)
@@ -104,12 +113,14 @@ def sample_ddim(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, gen
 
 @torch.no_grad()
 def sample_ddpm(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
-                callback: Callback = None) -> torch.Tensor:
-    """Ancestral sampling from the DDPM posterior q(x_s' | x_s, x0) (Ho et al. 2020, eq. 7); = diffusers DDPMScheduler."""
+                callback: Callback = None, clip_denoised: float | None = None) -> torch.Tensor:
+    """Ancestral sampling from the DDPM posterior q(x_s' | x_s, x0) (Ho et al. 2020, eq. 7); = diffusers DDPMScheduler.
+
+    clip_denoised: clamp the x0 estimate to [-c, c] (diffusers' clip_sample / clip_sample_range)."""
     x, sigmas, dtype = _check(x, sigmas)
     for i in range(sigmas.numel() - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, _s(sigma, x))
+        denoised = _clamp(denoiser(x, _s(sigma, x)), clip_denoised)
         if callback is not None:
             callback(i, sigma, x, denoised)
         # posterior mean x0 + (s'^2 / s^2)(x - x0), variance s'^2 (s^2 - s'^2) / s^2
@@ -125,12 +136,14 @@ def sample_ddpm(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, gen
 
 @torch.no_grad()
 def sample_heun(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
-                callback: Callback = None) -> torch.Tensor:
-    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1), Euler on the last step to sigma 0; = diffusers HeunDiscreteScheduler."""
+                callback: Callback = None, clip_denoised: float | None = None) -> torch.Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1), Euler on the last step to sigma 0; = diffusers HeunDiscreteScheduler.
+
+    clip_denoised: clamp both x0 estimates to [-c, c] (diffusers' clip_sample / clip_sample_range)."""
     x, sigmas, dtype = _check(x, sigmas)
     for i in range(sigmas.numel() - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, _s(sigma, x))
+        denoised = _clamp(denoiser(x, _s(sigma, x)), clip_denoised)
         if callback is not None:
             callback(i, sigma, x, denoised)
         d = (x - denoised) / sigma
@@ -139,7 +152,7 @@ def sample_heun(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, gen
             x = x + d * dt
             continue
         x_2 = x + d * dt
-        d_2 = (x_2 - denoiser(x_2, _s(sigma_next, x))) / sigma_next
+        d_2 = (x_2 - _clamp(denoiser(x_2, _s(sigma_next, x)), clip_denoised)) / sigma_next
         x = x + (d + d_2) / 2 * dt
     return x.to(dtype)
 

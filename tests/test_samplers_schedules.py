@@ -90,8 +90,9 @@ def test_schedule_config_from_sd_scheduler_config():
 
 
 def test_schedule_config_warns_about_unsupported_settings():
-    with pytest.warns(UserWarning, match="clip_sample=True"):
-        ScheduleConfig.from_diffusers_config({"clip_sample": True})
+    # clip_sample is modelled (DDPM / DDIM / Heun clamp x0); dynamic thresholding is not
+    with pytest.warns(UserWarning, match="thresholding=True"):
+        ScheduleConfig.from_diffusers_config({"thresholding": True})
 
 
 def test_trained_betas_are_used():

@@ -94,6 +94,8 @@ def scheduler_config(
         "rescale_betas_zero_snr": rescale_zero_terminal_snr,
         "clip_sample": False,
         "set_alpha_to_one": False,
+        # every key stated: a left-out one would take each sampler's diffusers class default
+        "use_karras_sigmas": False,
     }
 
 

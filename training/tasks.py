@@ -291,7 +291,8 @@ def _foreign_unet_task(cfg: TrainConfig, *, device: torch.device, is_main: bool,
     from latentloom.training.task_unet import UNetTask
 
     pipe = load_pipeline(cfg.pretrained, device="cpu", dtype=torch.float32)
-    schedule = dc.asdict(pipe.schedule_config)
+    # the schedule diffusers' training scripts use: the model's config read into a DDPMScheduler
+    schedule = dc.asdict(pipe.schedule_config.for_sampler("ddpm"))
     if schedule.get("trained_betas") is not None:
         raise ValueError(f"{cfg.pretrained}: trained_betas schedules are not supported for training")
     cfg = _check_schedule_matches(cfg, schedule, Path(cfg.pretrained))
