@@ -140,10 +140,9 @@ def measure_same(pair, mode: str, *, args: argparse.Namespace, s: dict[str, Any]
     else:
         ours.unet.to(memory_format=torch.contiguous_format)
     pndm = ref.scheduler
-    # the same timesteps as latentloom's schedule (SD 1.5's config leaves timestep_spacing to
-    # each scheduler's default, and DPMSolverMultistepScheduler's is "linspace")
-    ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
-        pndm.config, algorithm_type="dpmsolver++", timestep_spacing=ours.schedule_config.timestep_spacing)
+    # swapped the documented way: SD 1.5's config leaves timestep_spacing to each class's default
+    # ("linspace" for DPM-Solver), and latentloom's dpmpp_2m resolves it the same way
+    ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pndm.config, algorithm_type="dpmsolver++")
     try:
         side = s["resolution"]
         common = dict(height=side, width=side, guidance_scale=7.5)

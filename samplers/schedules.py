@@ -130,16 +130,18 @@ class ScheduleConfig:
     def from_diffusers_config(cls, d: dict[str, Any]) -> "ScheduleConfig":
         """Build from a diffusers scheduler config dict, remembering which keys it states. Keys
         this class does not model are ignored; a warning names those whose value would change
-        the sampling math."""
+        the sampling math. A live scheduler's `.config` lists the keys its class filled in under
+        `_use_default_values`: those count as left out, as they do for diffusers' `from_config`."""
         names = {f.name for f in fields(cls)} - {"stated"}
         kwargs = {k: v for k, v in d.items() if k in names}
+        defaulted = set(d.get("_use_default_values") or ())
         ignored = [f"{k}={d[k]!r}" for k, ok in _NEUTRAL_SETTINGS.items() if k in d and d[k] not in ok]
         if ignored:
             warnings.warn(
                 f"scheduler config settings not supported by latentloom samplers are ignored: {', '.join(ignored)}",
                 stacklevel=2,
             )
-        return cls(**kwargs, stated=frozenset(kwargs))
+        return cls(**kwargs, stated=frozenset(kwargs) - defaulted)
 
     def is_stated(self, key: str) -> bool:
         return self.stated is None or key in self.stated

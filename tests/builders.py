@@ -163,3 +163,64 @@ def tiny_upscale_pipeline(seed: int = 0, *, scheduler: str = "ddim", prediction_
         unet=tiny_diffusers_unet(seed, in_channels=7, num_class_embeds=1000), low_res_scheduler=low_res,
         scheduler=sched, safety_checker=None, feature_extractor=None, watermarker=None, max_noise_level=350,
     )
+
+
+def sd2_text_model(seed: int = 0, hidden_size: int = 64, layers: int = 2):
+    """A tiny SD-2-style text encoder: OpenCLIP's gelu, SD's 64-wide heads."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vocab_size = len(json.loads((DATA / "clip_vocab.json").read_text()))
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden_size // 64), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1, hidden_act="gelu",
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_sd2_pipeline(seed: int = 0, *, in_channels: int = 4):
+    """A diffusers SD pipeline with an SD-2-style text encoder (for single files in 2.x layout)."""
+    import diffusers
+
+    pipe_cls = diffusers.StableDiffusionInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionPipeline
+    return pipe_cls(
+        vae=tiny_vae(seed), text_encoder=sd2_text_model(seed), tokenizer=clip_tokenizer(),
+        unet=tiny_diffusers_unet(seed, in_channels=in_channels, cross_attention_dim=64),
+        scheduler=diffusers.DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _open_clip_state(text_model, skipped_block) -> dict:
+    """transformers CLIP text weights -> OpenCLIP's `cond_stage_model.model.*` layout of SD 2.x files,
+    plus `skipped_block`'s weights as the last block (SD 2 reads the penultimate layer)."""
+    own = {k.removeprefix("text_model."): v for k, v in text_model.state_dict().items()}
+    last = {k.removeprefix("text_model."): v for k, v in skipped_block.state_dict().items()}
+    layers = text_model.config.num_hidden_layers
+    out = {"token_embedding.weight": own["embeddings.token_embedding.weight"],
+           "positional_embedding": own["embeddings.position_embedding.weight"],
+           "ln_final.weight": own["final_layer_norm.weight"], "ln_final.bias": own["final_layer_norm.bias"],
+           "text_projection": torch.randn(text_model.config.hidden_size, text_model.config.hidden_size)}
+    for i in range(layers + 1):
+        src, j = (own, i) if i < layers else (last, 0)
+        a, b = f"encoder.layers.{j}.", f"transformer.resblocks.{i}."
+        for theirs, ours in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
+                             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            for p in ("weight", "bias"):
+                out[f"{b}{ours}.{p}"] = src[f"{a}{theirs}.{p}"]
+        for p in ("weight", "bias"):
+            out[f"{b}attn.in_proj_{p}"] = torch.cat([src[f"{a}self_attn.{n}_proj.{p}"] for n in "qkv"])
+    return {f"cond_stage_model.model.{k}": v for k, v in out.items()}
+
+
+def to_sd2_single_file(pipe, path: Path) -> Path:
+    """Write a pipeline from `tiny_sd2_pipeline` as an original SD 2.x single-file checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    to_single_file(pipe, path)
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("cond_stage_model.")}
+    skipped = sd2_text_model(seed=99, layers=1)
+    state.update(_open_clip_state(pipe.text_encoder, skipped))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path

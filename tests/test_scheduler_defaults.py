@@ -143,3 +143,15 @@ def test_bundled_models_sample_as_before(name):
     legacy = config.with_settings(config.legacy_settings())
     for sampler in SAMPLERS:
         assert config.for_sampler(sampler) == legacy.for_sampler(sampler), sampler
+
+
+def test_a_live_schedulers_config_counts_its_filled_in_keys_as_left_out():
+    """diffusers marks the keys a class filled in (`_use_default_values`); from_config drops them."""
+    data, _ = _release(RELEASES / "sd15-scheduler_config.json")
+    live = diffusers.PNDMScheduler.from_config(data)
+    assert "timestep_spacing" in live.config["_use_default_values"]
+    config = ScheduleConfig.from_diffusers_config(dict(live.config))
+    assert not config.is_stated("timestep_spacing") and config.is_stated("steps_offset")
+    for sampler in SAMPLERS:
+        swapped = _diffusers_swap(data, sampler)
+        assert config.for_sampler(sampler).timestep_spacing == swapped.config.timestep_spacing, sampler

@@ -161,9 +161,12 @@ class CLIPEncoder(FrozenTextEncoder):
             raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
         with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or [])
         model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-        load_kwargs = {"local_files_only": True, "use_safetensors": has_safetensors}
-        if dtype is not None:
-            load_kwargs["dtype"] = dtype
+        # float32 unless asked: transformers would follow a published "torch_dtype": "float16" (SD 2.x),
+        # and the encoder stays in the dtype it is loaded in (Pipeline.to moves it, never casts it)
+        import torch
+
+        load_kwargs = {"local_files_only": True, "use_safetensors": has_safetensors,
+                       "dtype": torch.float32 if dtype is None else dtype}
         try:
             with quiet_loading():
                 model, info = model_class.from_pretrained(str(model_dir), output_loading_info=True, **load_kwargs)
