@@ -71,6 +71,15 @@ def compare(label, got, expected):
     assert diff.mean() <= 1e-3 and diff.max() <= MAX_DIFF, label
 
 
+def both(reference, original, ours_call, sampler, *, seed, **args):
+    """(latentloom's images, diffusers' images) for one call with `sampler` and the same generator."""
+    expected = swapped(reference, original, sampler, False)(
+        generator=torch.Generator().manual_seed(seed), output_type="np", **args).images
+    got = ours_call(sampler=sampler, generator=torch.Generator().manual_seed(seed), output_type="np", progress=False,
+                    **args).images
+    return got, expected
+
+
 def picture(h, w, seed=0):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
@@ -120,11 +129,7 @@ def sd15_pair(txt2img_weights, tmp_path_factory):
 def test_img2img_matches_diffusers_on_sd15_config(sd15_pair, sampler):
     reference, original, ours = sd15_pair
     args = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=5.0, strength=0.75)
-    image = picture(16, 24, seed=1)
-    expected = swapped(reference, original, sampler, False)(
-        image=image, generator=torch.Generator().manual_seed(5), output_type="np", **args).images
-    got = ours.img2img(image=image, sampler=sampler, generator=torch.Generator().manual_seed(5), output_type="np",
-                       progress=False, **args).images
+    got, expected = both(reference, original, ours.img2img, sampler, seed=5, image=picture(16, 24, seed=1), **args)
     compare(f"img2img sd15 {sampler}", got, expected)
 
 
@@ -172,11 +177,7 @@ def test_upscale_matches_diffusers_on_x4_configs(x4_pair, sampler):
     reference, original, ours = x4_pair
     args = dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=STEPS, guidance_scale=5.0,
                 noise_level=40)
-    image = picture(8, 12, seed=3)
-    expected = swapped(reference, original, sampler, False)(
-        image=image, generator=torch.Generator().manual_seed(9), output_type="np", **args).images
-    got = ours.upscale(image=image, sampler=sampler, generator=torch.Generator().manual_seed(9), output_type="np",
-                       progress=False, **args).images
+    got, expected = both(reference, original, ours.upscale, sampler, seed=9, image=picture(8, 12, seed=3), **args)
     compare(f"upscale x4 {sampler}", got, expected)
 
 
