@@ -32,8 +32,8 @@ _LAZY: dict[str, str] = {
     "make_sigmas": "latentloom.samplers.schedules",
     "TrainConfig": "latentloom.training.config",
     "train": "latentloom.training.loop",
-    "load_lora": "latentloom.training.lora",
-    "ImageTextModel": "latentloom.training.image_text",
+    "load_lora": "latentloom.unet.lora",
+    "ImageTextModel": "latentloom.text_encoders.image_text",
     "Cascade": "latentloom.pipelines.cascade",
 }
 

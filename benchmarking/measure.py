@@ -4,7 +4,6 @@ No torch import here: the CLI reads this module before it knows which target run
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -159,9 +158,7 @@ def format_cell(value: Any) -> str:
 
 def write_json(tables: Sequence[Table], path: str | os.PathLike, *, command: str) -> None:
     """Write the tables and the command that made them; a temporary name, then a rename."""
+    from latentloom.file_io import write_json_atomic
+
     data = {"command": command, "tables": [t.to_dict() for t in tables]}
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, sort_keys=False, allow_nan=False)

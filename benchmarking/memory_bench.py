@@ -21,7 +21,7 @@ self-attention layer per fresh process, against the `chunked` backend and the `m
 (which does materialise them, so it runs one head of one image: all of them would not fit).
 
 The "vae" part (not run by default) measures what the automatic VAE tiling rule in
-`pipelines/vae.py` is based on: one fp32 decode of the preset's VAE per fresh process, untiled
+`vae/codec.py` is based on: one fp32 decode of the preset's VAE per fresh process, untiled
 at each resolution and tiled where the latents span more than one tile.
 """
 from __future__ import annotations
@@ -176,7 +176,7 @@ def vae_table(s: dict[str, Any]) -> Table:
             table.add_row([f"{side}x{side}", "on" if tiled else "off", result["growth"] / GB,
                            result["estimate"] / GB, result["seconds"]])
     table.notes.append("RSS growth = peak RSS during the decode minus RSS before it; untiled estimate = "
-                       "latentloom.pipelines.vae.untiled_decode_bytes, what the automatic tiling rule compares "
+                       "latentloom.vae.codec.untiled_decode_bytes, what the automatic tiling rule compares "
                        "with its 1 GiB threshold")
     return table
 
@@ -270,7 +270,7 @@ def vae_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     from latentloom.benchmarking import sd_random
     from latentloom.benchmarking.measure import PeakRSS, max_rss_bytes
-    from latentloom.pipelines.vae import decode_latents, untiled_decode_bytes
+    from latentloom.vae.codec import decode_latents, untiled_decode_bytes
 
     if spec["threads"]:
         torch.set_num_threads(int(spec["threads"]))
@@ -318,7 +318,7 @@ def _latentloom(spec: dict[str, Any]):
     from latentloom.pipelines.defaults import CallDefaults
     from latentloom.pipelines.pipeline import Pipeline
     from latentloom.pipelines.runtime import fast_dtype, optimize
-    from latentloom.pipelines.vae import auto_tiling
+    from latentloom.vae.codec import auto_tiling
     from latentloom.samplers.schedules import ScheduleConfig
     from latentloom.text_encoders import CLIPEncoder
     from latentloom.unet import UNet

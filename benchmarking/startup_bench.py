@@ -150,7 +150,7 @@ def _diffusers_twin(pipe):
 
     import diffusers
 
-    from latentloom.pipelines.loading import bundled_model_dir
+    from latentloom.weights import bundled_model_dir
 
     unet = diffusers.UNet2DConditionModel(**pipe.unet.config.to_diffusers_config())
     unet.load_state_dict({k: v.float() for k, v in pipe.unet.to_diffusers_state_dict().items()}, strict=True)

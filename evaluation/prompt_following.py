@@ -1,7 +1,7 @@
 """Prompt following on the synthetic shapes domain: per-attribute accuracy of a generator.
 
 `latentloom eval` wires a real pipeline into `generate`; the held-out captions of
-`synthetic_shapes` (color/shape/position triples never seen in training) measure whether
+`synthetic.shapes` (color/shape/position triples never seen in training) measure whether
 the model composes attributes rather than remembering captions.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 
 from latentloom.evaluation.shape_checker import score
-from latentloom.training.synthetic_shapes import SPLITS, SceneSpec, make_item, parse_caption
+from latentloom.synthetic.shapes import SPLITS, SceneSpec, make_item, parse_caption
 
 ATTRIBUTES = ("color", "shape", "size", "position", "background")
 

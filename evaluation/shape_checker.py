@@ -1,4 +1,4 @@
-"""A procedural checker for the synthetic shapes domain (`latentloom.training.synthetic_shapes`).
+"""A procedural checker for the synthetic shapes domain (`latentloom.synthetic.shapes`).
 
 `detect(image)` finds the main shape (the largest non-background region) and reads back
 its color, shape, size and position; `score(image, scene)` compares that with what the
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from latentloom.training.synthetic_shapes import COLORS, SHAPES, SUPERSAMPLE, SceneSpec, draw_outline
+from latentloom.synthetic.shapes import COLORS, SHAPES, SUPERSAMPLE, SceneSpec, draw_outline
 
 NONE = "none"
 ANALYSIS_SIZE = 64

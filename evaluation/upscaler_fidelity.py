@@ -62,7 +62,7 @@ def fidelity(images: np.ndarray, truth: np.ndarray, band: np.ndarray) -> dict[st
 
 def scenes(n: int, *, seed: int, size: int) -> tuple[list, list[str], list, np.ndarray]:
     """n scenes: their 64-px renders (PIL), captions, specs and true renders at `size` (N, size, size, 3)."""
-    from latentloom.training import synthetic_shapes as shapes
+    from latentloom.synthetic import shapes as shapes
 
     items = [shapes.make_item(i, seed=seed, split="train") for i in range(n)]
     truth = np.stack([np.asarray(shapes.render(spec, size=size)) for _, _, spec in items])
@@ -82,7 +82,7 @@ def through_vae(lows: list, vae: Any) -> list:
     import torch
     from PIL import Image
 
-    from latentloom.pipelines.vae import decode_latents, encode_images
+    from latentloom.vae.codec import decode_latents, encode_images
 
     low = torch.tensor(np.stack([np.asarray(im) for im in lows])).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
@@ -95,9 +95,9 @@ def load_low_res_vae(source: str) -> Any:
     """A VAE folder, a model folder holding vae/, or "bundled:default"."""
     from pathlib import Path
 
-    from latentloom.pipelines.loading import bundled_name, bundled_model_dir
-    from latentloom.training.export import find_vae_folder
-    from latentloom.training.tasks import load_vae
+    from latentloom.model_folder import find_vae_folder
+    from latentloom.vae.loading import load_vae
+    from latentloom.weights import bundled_model_dir, bundled_name
 
     name = bundled_name(source)
     folder = bundled_model_dir(name) if name is not None else Path(source)

@@ -13,7 +13,7 @@ from latentloom.pipelines.image_input import expand_to_batch, images_to_tensor
 from latentloom.pipelines.masks import binarize, check_mask_size, feathered, mask_to_tensor, paste_onto
 from latentloom.pipelines.output import PipelineOutput
 from latentloom.pipelines.upscale import upscaler_parts
-from latentloom.pipelines.vae import numpy_to_pil
+from latentloom.pipelines.output import numpy_to_pil
 
 
 # arguments the cascade itself gives the stages

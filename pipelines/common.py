@@ -13,7 +13,8 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from latentloom.pipelines.vae import check_tiling, decode_latents, images_to_numpy, numpy_to_pil
+from latentloom.vae.codec import check_tiling, decode_latents
+from latentloom.pipelines.output import images_to_numpy, numpy_to_pil
 from latentloom.samplers import get_sampler
 from latentloom.samplers.denoiser import Denoiser
 from latentloom.samplers.guidance import CFGDenoiser

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from latentloom.pipelines.common import check_size
-from latentloom.pipelines.vae import encode_images
+from latentloom.vae.codec import encode_images
 
 
 def images_to_tensor(image: Any, *, name: str = "image") -> torch.Tensor:

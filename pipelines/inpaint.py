@@ -27,7 +27,8 @@ from latentloom.pipelines.masks import (
     binarize, check_mask_size, dilated_latent_mask, feathered, mask_to_tensor, nearest_latent_mask, paste_onto,
 )
 from latentloom.pipelines.output import PipelineOutput
-from latentloom.pipelines.vae import decode_latents, images_to_numpy, numpy_to_pil
+from latentloom.vae.codec import decode_latents
+from latentloom.pipelines.output import images_to_numpy, numpy_to_pil
 from latentloom.samplers.denoiser import append_dims, sigma_batch
 from latentloom.samplers.noise import add_noise, final_latents, initial_latents, randn, sigmas_for_strength
 

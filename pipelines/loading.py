@@ -2,7 +2,6 @@
 Stable Diffusion checkpoint, or (online only) a Hugging Face hub id."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -13,18 +12,12 @@ import torch
 
 from latentloom.pipelines.defaults import CallDefaults, resolve_device, resolve_dtype
 from latentloom.pipelines.pipeline import Pipeline
+from latentloom.file_io import read_json_object
 from latentloom.samplers.schedules import ScheduleConfig
+from latentloom.vae.loading import load_vae
+from latentloom.weights import bundled_model_dir, bundled_name
 
-BUNDLED_NAME = "default"
-# What ships in weights/: the text-to-image model and its 64 -> 128 upscale stage ("bundled:NAME").
-BUNDLED_MODELS = ("default", "upscaler")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def bundled_model_dir(name: str = BUNDLED_NAME) -> Path:
-    from latentloom.weights import WEIGHTS_DIR
-
-    return WEIGHTS_DIR / name
 
 
 def load_pipeline(
@@ -93,25 +86,12 @@ def load_pipeline(
     return optimize(pipe.to(device=device, dtype=dtype), channels_last=channels_last, compile=compile)
 
 
-def bundled_name(path: str | os.PathLike | None) -> str | None:
-    """None -> "default"; "bundled:NAME" -> NAME (checked); any other path -> None."""
-    if path is None:
-        return BUNDLED_NAME
-    if not (isinstance(path, str) and path.startswith("bundled:")):
-        return None
-    name = path.removeprefix("bundled:")
-    if name not in BUNDLED_MODELS:
-        known = ", ".join(f"'bundled:{n}'" for n in BUNDLED_MODELS)
-        raise ValueError(f"unknown bundled model {path!r}; expected one of {known}")
-    return name
-
-
 def load_folder(folder: Path) -> Pipeline:
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         hint = " (this looks like a UNet folder; pass the pipeline folder above it)" if (folder / "config.json").is_file() else ""
         raise FileNotFoundError(f"{folder} has no model_index.json, so it is not a model folder{hint}")
-    index = _read_json(index_path)
+    index = read_json_object(index_path)
     if index.get("format") == "latentloom":
         return load_latentloom_folder(folder, name=str(folder))
     return load_diffusers_folder(folder, index)
@@ -130,13 +110,13 @@ def load_diffusers_folder(folder: Path, index: dict[str, Any]) -> Pipeline:
     if encoder_class not in ("CLIPTextModel", None):
         raise ValueError(f"{folder}: text encoder {encoder_class!r} is not supported here (CLIPTextModel is)")
     unet = UNet.from_diffusers(folder / "unet")
-    vae = _load_vae(folder / "vae")
+    vae = load_vae(folder / "vae")
     text_encoder = CLIPEncoder.from_pretrained(folder)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
         raise FileNotFoundError(f"{folder} is missing scheduler/scheduler_config.json")
     schedule = _read_schedule(scheduler_file)
-    unet_config = _read_json(folder / "unet" / "config.json")
+    unet_config = read_json_object(folder / "unet" / "config.json")
     side = int(unet_config.get("sample_size", 64)) * 2 ** (len(vae.config.block_out_channels) - 1)
     pipe = Pipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, schedule_config=schedule, name=str(folder),
@@ -151,12 +131,12 @@ def load_latentloom_folder(folder: Path, *, name: str) -> Pipeline:
     """A folder written by `latentloom train` (the bundled model is one)."""
     from latentloom.unet import UNet
 
-    index = _read_json(folder / "model_index.json")
+    index = read_json_object(folder / "model_index.json")
     for part in ("unet", "vae", "scheduler"):
         if not (folder / part).is_dir():
             raise FileNotFoundError(f"{folder} is missing its {part}/ folder")
     unet = UNet.from_pretrained(folder / "unet")
-    vae = _load_vae(folder / "vae")
+    vae = load_vae(folder / "vae")
     text_encoder = _text_encoder_from_index(folder, index.get("text_encoder") or {})
     schedule = _read_schedule(folder / "scheduler" / "scheduler_config.json")
     call = index.get("defaults") or {}
@@ -169,7 +149,7 @@ def load_latentloom_folder(folder: Path, *, name: str) -> Pipeline:
     )
     clip_model = None
     if (folder / "clip").is_dir():
-        from latentloom.training.image_text import ImageTextModel
+        from latentloom.text_encoders.image_text import ImageTextModel
 
         clip_model = ImageTextModel.from_pretrained(folder / "clip", text_encoder=text_encoder)
     pipe = Pipeline(
@@ -188,7 +168,7 @@ def _attach_low_res_schedule(pipe: Pipeline, folder: Path, index: dict[str, Any]
         return
     from latentloom.samplers.schedules import DiscreteSchedule
 
-    low_res = _read_json(folder / "low_res_scheduler" / "scheduler_config.json")
+    low_res = read_json_object(folder / "low_res_scheduler" / "scheduler_config.json")
     with warnings.catch_warnings():  # only its betas are used (add_noise), so its step settings do not matter
         warnings.simplefilter("ignore", UserWarning)
         # diffusers reads it into a DDPMScheduler, so keys it leaves out take DDPM's defaults
@@ -211,40 +191,12 @@ def _text_encoder_from_index(folder: Path, spec: dict[str, Any]):
     raise ValueError(f"{folder}/model_index.json: text_encoder kind {kind!r} is not one of 'minilm', 'clip'")
 
 
-def _load_vae(folder: Path):
-    from diffusers import AutoencoderKL
-
-    from latentloom.pipelines.pixel_shuffle_vae import is_pixel_shuffle_folder, load_pixel_shuffle
-    from latentloom.weight_files import check_safetensors
-
-    if is_pixel_shuffle_folder(folder):  # weightless: its config.json is all of it
-        return load_pixel_shuffle(folder).eval()
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no VAE weights (*.safetensors) in {folder}; pickle weights are not loaded")
-    for path in files:
-        check_safetensors(path)
-    _read_json(folder / "config.json")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            # low_cpu_mem_usage=False: a missing weight is reported instead of left on the meta device
-            vae, info = AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True,
-                                                      low_cpu_mem_usage=False, output_loading_info=True)
-    except (OSError, RuntimeError, TypeError, ValueError, KeyError, AttributeError) as err:
-        raise ValueError(f"{folder}: the VAE could not be built from its config and weights: {err}") from err
-    wrong = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if wrong:
-        raise ValueError(f"{folder}: the VAE weights do not fit its config.json: {wrong}")
-    return vae.eval()
-
-
 def _read_schedule(path: Path) -> ScheduleConfig:
     """scheduler_config.json -> ScheduleConfig, checked by building the schedule once."""
     from latentloom.samplers.schedules import DiscreteSchedule
 
     try:
-        config = ScheduleConfig.from_diffusers_config(_read_json(path))
+        config = ScheduleConfig.from_diffusers_config(read_json_object(path))
         DiscreteSchedule.from_config(config)
     except (TypeError, ValueError, RuntimeError) as err:
         if str(path) in str(err):
@@ -265,13 +217,3 @@ def _download(repo_id: str) -> Path:
             f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
             "Hub ids need the network; offline, pass a local folder or file"
         ) from err
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data

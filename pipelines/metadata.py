@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin
+
+from latentloom.file_io import write_atomic
 
 METADATA_KEY = "latentloom"
 
@@ -47,15 +48,12 @@ def save_png(image: Image.Image, path: str | os.PathLike, recipe: dict[str, Any]
     info = PngImagePlugin.PngInfo()
     info.add_text(METADATA_KEY, json.dumps(recipe, sort_keys=True, ensure_ascii=False))
     info.add_text("parameters", human_readable(recipe))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
             image.save(handle, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)
     return path
 
 

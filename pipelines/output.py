@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
+
 from latentloom.pipelines.metadata import save_png
 
 
@@ -31,3 +35,13 @@ class PipelineOutput:
             save_png(image, path.with_name(f"{path.stem}-{i}{path.suffix}"), recipe)
             for i, (image, recipe) in enumerate(zip(self.images, self.recipes))
         ]
+
+
+def images_to_numpy(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> float32 array (B, H, W, 3) in [0, 1] (diffusers' postprocess)."""
+    return (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+
+
+def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
+    """Float (B, H, W, 3) in [0, 1] -> PIL images, rounding as diffusers does."""
+    return [Image.fromarray(img) for img in (images * 255).round().astype("uint8")]

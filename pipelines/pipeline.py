@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from latentloom.pipelines.defaults import CallDefaults, resolve_dtype
-from latentloom.pipelines.vae import vae_scale_factor
+from latentloom.vae.codec import vae_scale_factor
 from latentloom.samplers.schedules import DiscreteSchedule, ScheduleConfig
 
 
@@ -121,7 +121,6 @@ class Pipeline:
         encoder for its `lora_te_` keys) with `scale`; returns a report of the keys applied.
         `scale=-s` takes a LoRA merged with `s` back out (exactly in fp32; in bf16/fp16 the weights keep
         a rounding residue: reload the model for an exact original)."""
-        from latentloom.training.lora import load_lora_into_pipeline
 
         if self.compiled:
             raise RuntimeError("this pipeline's UNet is compiled (its weights may be frozen into the graph), so a "
@@ -158,3 +157,14 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline(name={self.name!r}, device={self.device}, dtype={self.dtype})"
+
+
+def load_lora_into_pipeline(pipe: Pipeline, source: str | Path | dict[str, torch.Tensor], *, scale: float = 1.0,
+                            strict: bool = True):
+    """Merge a LoRA into a pipeline's UNet (and text encoder, for ``lora_te_`` keys) with ``scale``;
+    ``scale=-s`` takes a LoRA merged with ``s`` back out. Returns `latentloom.unet.lora.LoraReport`."""
+    from latentloom.unet.lora import load_lora
+
+    report = load_lora(pipe.unet, source, scale=scale, text_encoder=pipe.text_encoder, strict=strict)
+    pipe._model_hash = None  # the weights changed: image metadata must not name the old hash
+    return report

@@ -48,7 +48,7 @@ def text_to_image(
     as diffusers"). `scheduler_config`: settings stated over the model's for this call (a dict of
     scheduler_config.json keys, e.g. `{"timestep_spacing": "trailing"}`; recipes record them under
     that name). `vae_tiling`: None decodes large images in VAE tiles
-    (see `latentloom.pipelines.vae.decode_latents`), True / False force it. Returns
+    (see `latentloom.vae.codec.decode_latents`), True / False force it. Returns
     `PipelineOutput(images, recipes)`.
     """
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from latentloom.pipelines.loading import bundled_model_dir, load_pipeline
-from latentloom.training.synthetic_shapes import COLORS
+from latentloom.pipelines.loading import load_pipeline
+from latentloom.weights import bundled_model_dir
+from latentloom.synthetic.shapes import COLORS
 
 # (prompt, seed, color the shape must have, where its pixels must be)
 CASES = [

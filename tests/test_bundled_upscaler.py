@@ -98,7 +98,7 @@ def test_cascade_of_the_bundled_models_keeps_color_and_place(upscaler):
 def test_the_bundled_upscaler_fine_tunes_by_name(tmp_path):
     from latentloom.training.config import TrainConfig
     from latentloom.training.loop import train
-    from latentloom.training.synthetic_shapes import write_dataset
+    from latentloom.synthetic.shapes import write_dataset
 
     data = write_dataset(tmp_path / "data", 2, seed=3, size=128)
     common = dict(model="upscaler", data=str(data), resolution=128, low_resolution=64, max_noise_level=20,

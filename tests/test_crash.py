@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from latentloom.training.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
 from latentloom.training.config import TrainConfig
 from latentloom.training.loop import train
-from latentloom.training.synthetic_shapes import write_dataset
+from latentloom.synthetic.shapes import write_dataset
 from latentloom.unet import UNet, UNetConfig
 
 TINY = dict(channels=[8, 16], layers_per_level=1, attention_levels=[False, True], num_heads=2,
@@ -149,7 +149,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_export_failing_with_disk_full_keeps_the_previous_model(monkeypatch, tmp_path):
     import latentloom.unet.loading as unet_loading
-    from latentloom.training.export import update_model_index, write_component
+    from latentloom.model_folder import update_model_index, write_component
 
     out = tmp_path / "model"
     torch.manual_seed(0)
@@ -183,17 +183,18 @@ def test_unet_save_pretrained_failing_keeps_the_previous_weights(monkeypatch, tm
 
 
 def test_json_writes_failing_keep_the_previous_file(monkeypatch, tmp_path):
-    import latentloom.training.export as export
+    import latentloom.file_io as file_io
+    import latentloom.model_folder as export
 
     path = tmp_path / "model_index.json"
-    export.write_json_atomic(path, {"format": "latentloom", "version": 1})
+    file_io.write_json_atomic(path, {"format": "latentloom", "version": 1})
     before = path.read_bytes()
 
     def full_dump(value, f, **kwargs):
         f.write('{"format": "lat')
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export.json, "dump", full_dump)
+    monkeypatch.setattr(file_io.json, "dump", full_dump)
     with pytest.raises(OSError):
         export.update_model_index(tmp_path, resolution=64)
     assert path.read_bytes() == before

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latentloom.training import synthetic_shapes as ss
+from latentloom.synthetic import shapes as ss
 from latentloom.training.data import CaptionedImageDataset, collate_images
 
 

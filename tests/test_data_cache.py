@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from latentloom.text_encoders.embedding import TextEmbedding
-from latentloom.training import synthetic_shapes as ss
+from latentloom.synthetic import shapes as ss
 from latentloom.training.data import CaptionedImageDataset, LatentCache, collate_latents
 
 

@@ -49,7 +49,7 @@ def test_missing_model_fails_with_a_message(tmp_path, capsys):
 def test_clip_guidance_without_image_text_model_fails(tmp_path, capsys):
     import shutil
 
-    from latentloom.pipelines.loading import bundled_model_dir
+    from latentloom.weights import bundled_model_dir
 
     folder = tmp_path / "no-clip"
     shutil.copytree(bundled_model_dir(), folder, ignore=shutil.ignore_patterns("clip"))

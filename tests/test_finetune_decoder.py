@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from latentloom.training import finetune_decoder
-from latentloom.training.synthetic_shapes import write_dataset
+from latentloom.synthetic.shapes import write_dataset
 from tests.builders import tiny_vae
 
 

@@ -368,7 +368,7 @@ def test_broken_training_checkpoint_json(checkpoint, name, text):
 
 @pytest.mark.parametrize("kind", ["truncated", "git_lfs_pointer", "header_length_past_end"])
 def test_broken_lora_file(tmp_path, kind):
-    from latentloom.training.lora import read_lora_file
+    from latentloom.unet.lora import read_lora_file
 
     path = tmp_path / "lora.safetensors"
     save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 4), "lora_unet_x.lora_up.weight": torch.ones(4, 2)},
@@ -379,7 +379,7 @@ def test_broken_lora_file(tmp_path, kind):
 
 
 def test_broken_image_text_model(tmp_path):
-    from latentloom.training.image_text import ImageTextConfig, ImageTextModel
+    from latentloom.text_encoders.image_text import ImageTextConfig, ImageTextModel
 
     folder = tmp_path / "clip"
     ImageTextModel(ImageTextConfig()).save_pretrained(folder)

@@ -4,9 +4,10 @@ import torch
 from safetensors.torch import save_file
 
 from latentloom.training.config import TrainConfig
-from latentloom.training.lora import add_lora, load_lora, lora_metadata, read_lora_file, save_lora
+from latentloom.training.lora import add_lora, save_lora
+from latentloom.unet.lora import load_lora, lora_metadata, read_lora_file
 from latentloom.training.loop import train
-from latentloom.training.synthetic_shapes import write_dataset
+from latentloom.synthetic.shapes import write_dataset
 from latentloom.unet import UNet, UNetConfig
 
 TINY = dict(channels=[8, 16], layers_per_level=1, attention_levels=[False, True], num_heads=2,
@@ -139,7 +140,7 @@ def test_lora_training_run_then_load_into_a_pipeline_with_a_scale(tmp_path):
     from builders import tiny_vae
 
     import latentloom
-    from latentloom.training.lora import load_lora_into_pipeline
+    from latentloom.pipelines.pipeline import load_lora_into_pipeline
 
     data = write_dataset(tmp_path / "data", 6, seed=1)
     tiny_vae().save_pretrained(str(tmp_path / "vae"))

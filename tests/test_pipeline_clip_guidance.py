@@ -4,7 +4,7 @@ import torch
 
 import latentloom
 from builders import save_sd_folder, tiny_sd_pipeline
-from latentloom.training.image_text import ImageTextConfig, ImageTextModel
+from latentloom.text_encoders.image_text import ImageTextConfig, ImageTextModel
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import latentloom
-from latentloom.pipelines.pixel_shuffle_vae import PixelShuffleVAE, factor_for, is_pixel_shuffle_folder
-from latentloom.pipelines.vae import decode_latents, encode_images, vae_scale_factor
+from latentloom.vae.pixel_shuffle import PixelShuffleVAE, factor_for, is_pixel_shuffle_folder
+from latentloom.vae.codec import decode_latents, encode_images, vae_scale_factor
 from latentloom.training.config import TrainConfig
 from latentloom.training.loop import train
-from latentloom.training.synthetic_shapes import write_dataset
+from latentloom.synthetic.shapes import write_dataset
 from latentloom.unet import UNetConfig
 
 ONE_TORCH_THREAD = True  # see conftest.one_torch_thread

@@ -20,7 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import latentloom
 from builders import DATA, clip_tokenizer, save_sd_folder, tiny_sd_pipeline
 from latentloom.pipelines.runtime import vae_dtype
-from latentloom.pipelines.vae import decode_latents
+from latentloom.vae.codec import decode_latents
 from latentloom.text_encoders import CLIPEncoder
 from latentloom.unet import UNet, UNetConfig
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from latentloom.evaluation import shape_checker as sc
-from latentloom.training import synthetic_shapes as ss
+from latentloom.synthetic import shapes as ss
 
 
 def accuracy(items):

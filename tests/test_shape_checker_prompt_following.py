@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from latentloom.evaluation.prompt_following import domain_prompts, evaluate
-from latentloom.training import synthetic_shapes as ss
+from latentloom.synthetic import shapes as ss
 
 WRONG = {"red": "green", "green": "blue", "blue": "red", "yellow": "purple", "purple": "yellow",
          "orange": "cyan", "cyan": "orange", "white": "pink", "pink": "white", "black": "red"}

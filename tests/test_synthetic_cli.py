@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from latentloom.cli import main
-from latentloom.training import synthetic_shapes as ss
+from latentloom.synthetic import shapes as ss
 
 
 def test_make_shapes_writes_the_dataset(tmp_path, capsys):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentloom.training import synthetic_shapes as ss
+from latentloom.synthetic import shapes as ss
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from latentloom.training.config import TrainConfig
 from latentloom.training.loop import train
-from latentloom.training.synthetic_shapes import write_dataset
+from latentloom.synthetic.shapes import write_dataset
 from latentloom.training.task_unet import drop_captions
 from latentloom.unet import UNet, UNetConfig
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from latentloom.training.config import TrainConfig
-from latentloom.training.image_text import ImageTextConfig, ImageTextModel
+from latentloom.text_encoders.image_text import ImageTextConfig, ImageTextModel
 from latentloom.training.loop import train
-from latentloom.training.synthetic_shapes import write_dataset
+from latentloom.synthetic.shapes import write_dataset
 from latentloom.training.task_unet import degrade, upscaler_condition
 from latentloom.unet import UNet, UNetConfig
 
@@ -39,7 +39,7 @@ def vae_out(data, tmp_path_factory):
 def test_vae_is_saved_with_a_data_scaling_factor(vae_out, data):
     from diffusers import AutoencoderKL
 
-    from latentloom.pipelines.vae import encode_images
+    from latentloom.vae.codec import encode_images
     from latentloom.training.data import CaptionedImageDataset
 
     vae = AutoencoderKL.from_pretrained(str(vae_out / "vae"))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from latentloom.training.synthetic_shapes import write_dataset
+from latentloom.synthetic.shapes import write_dataset
 
 
 def free_port():

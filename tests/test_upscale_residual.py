@@ -7,12 +7,12 @@ import torch
 
 import latentloom
 import latentloom.training.task_unet as task_unet
-from latentloom.pipelines.pixel_shuffle_vae import PixelShuffleVAE, load_pixel_shuffle
+from latentloom.vae.pixel_shuffle import PixelShuffleVAE, load_pixel_shuffle
 from latentloom.pipelines.upscale_residual import RESIDUAL_SCALE, check_residual, residual_base
-from latentloom.pipelines.vae import decode_latents, encode_images
+from latentloom.vae.codec import decode_latents, encode_images
 from latentloom.training.config import TrainConfig
 from latentloom.training.loop import train
-from latentloom.training.synthetic_shapes import write_dataset
+from latentloom.synthetic.shapes import write_dataset
 from latentloom.unet import UNetConfig
 
 ONE_TORCH_THREAD = True  # see conftest.one_torch_thread

@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL
 from latentloom.evaluation import upscaler_fidelity as uf
 from latentloom.training.config import TrainConfig
 from latentloom.training.loop import train
-from latentloom.training.synthetic_shapes import write_dataset
+from latentloom.synthetic.shapes import write_dataset
 from latentloom.unet import UNetConfig
 
 ONE_TORCH_THREAD = True  # see conftest.one_torch_thread

@@ -10,8 +10,8 @@ import torch
 import latentloom
 from builders import save_sd_folder, tiny_sd_pipeline, tiny_vae
 from latentloom.cli import main as cli_main
-from latentloom.pipelines import vae as vae_glue
-from latentloom.pipelines.vae import auto_tiling, decode_latents, encode_images, untiled_decode_bytes
+from latentloom.vae import codec as vae_glue
+from latentloom.vae.codec import auto_tiling, decode_latents, encode_images, untiled_decode_bytes
 
 
 def wide_tile_vae():
@@ -70,7 +70,7 @@ def test_automatic_choice_on_stable_diffusions_vae_switches_at_two_tiles():
 
 
 def test_automatic_choice_leaves_small_vaes_untiled_however_large_the_image():
-    from latentloom.pipelines.loading import bundled_model_dir
+    from latentloom.weights import bundled_model_dir
 
     bundled = json.loads((bundled_model_dir() / "vae" / "config.json").read_text())
     config = {k: v for k, v in bundled.items() if not k.startswith("_")}

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from latentloom.file_io import read_json_object
+
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -50,16 +52,6 @@ def resolve_resume(resume: str, *, root: str | os.PathLike) -> Path | None:
     if not (path / "state.json").is_file():
         raise ValueError(f"resume={resume!r} is not a checkpoint folder (no state.json); pass one, or 'latest'")
     return path
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -203,7 +195,7 @@ def load_checkpoint(
     from latentloom.weight_files import load_safetensors
 
     folder = Path(folder)
-    state = _read_json(folder / "state.json")
+    state = read_json_object(folder / "state.json")
     rng_file = folder / f"rng-{rank}.safetensors"
     if not rng_file.is_file():
         raise ValueError(
@@ -213,8 +205,8 @@ def load_checkpoint(
     model_state = load_safetensors(folder / "model.safetensors")
     ema_file = folder / "ema.safetensors"
     ema_state = load_safetensors(ema_file) if ema_file.is_file() else None
-    opt_meta = _read_json(folder / "optimizer.json")
+    opt_meta = read_json_object(folder / "optimizer.json")
     optimizer.load_state_dict(optimizer_from_flat(load_safetensors(folder / "optimizer.safetensors"), opt_meta))
-    lr_scheduler.load_state_dict(_read_json(folder / "lr_scheduler.json"))
-    set_rng_state(generators, load_safetensors(rng_file), _read_json(folder / f"rng-{rank}.json"))
+    lr_scheduler.load_state_dict(read_json_object(folder / "lr_scheduler.json"))
+    set_rng_state(generators, load_safetensors(rng_file), read_json_object(folder / f"rng-{rank}.json"))
     return model_state, ema_state, state

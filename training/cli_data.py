@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _make_shapes(args: argparse.Namespace) -> int:
-    from latentloom.training.synthetic_shapes import write_dataset
+    from latentloom.synthetic.shapes import write_dataset
 
     start = time.perf_counter()
     try:

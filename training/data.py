@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from latentloom.file_io import write_atomic
 from latentloom.text_encoders.embedding import TextEmbedding
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -402,16 +402,7 @@ class LatentCache(torch.utils.data.Dataset):
             "key": self.key,
             "captions": json.dumps(captions),
         }
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(target, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), fsync=False)
         if target == self.path:
             self._saved = True
         return target

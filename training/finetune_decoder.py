@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,12 +37,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
     import torch
-    from diffusers import AutoencoderKL
     from PIL import Image
+
+    from latentloom.model_folder import write_component
+    from latentloom.vae.loading import load_vae
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    vae = AutoencoderKL.from_pretrained(args.vae, use_safetensors=True)
+    vae = load_vae(args.vae)
     vae.requires_grad_(False)
     trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in trainable:
@@ -59,14 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(step: int) -> None:
         out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
-        vae.save_pretrained(tmp, safe_serialization=True)
-        old = out.parent / f".old-{out.name}-{step}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        write_component(out.parent, out.name, lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
 
     start, loss_ema = time.perf_counter(), float("nan")
     for step in range(1, args.steps + 1):

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentloom.training.config import TrainConfig
-from latentloom.training.export import write_component
-from latentloom.training.image_text import ImageTextModel
+from latentloom.model_folder import write_component
+from latentloom.text_encoders.image_text import ImageTextModel
 
 
 def degrade_like_x0(pixels: torch.Tensor, *, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:

@@ -15,12 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentloom.pipelines.pixel_shuffle_vae import is_pixel_shuffle
+from latentloom.vae.pixel_shuffle import is_pixel_shuffle
 from latentloom.pipelines.upscale_residual import RESIDUAL_BASES, residual_base
 from latentloom.training.config import TrainConfig
-from latentloom.training.export import (
-    copy_component, scheduler_config, update_model_index, write_component, write_json_atomic,
-)
+from latentloom.file_io import write_json_atomic
+from latentloom.model_folder import copy_component, scheduler_config, update_model_index, write_component
 from latentloom.training.objective import diffusion_loss
 
 # The upscaler's low-resolution image is noised with its own fixed schedule (the SD x4
@@ -116,7 +115,7 @@ class UNetTask:
         """x0 the UNet learns to make: scaled VAE latents, or the pixels themselves."""
         if self.vae is None:
             return pixels
-        from latentloom.pipelines.vae import encode_images
+        from latentloom.vae.codec import encode_images
 
         return encode_images(self.vae, pixels, generator=generator).to(pixels.dtype)
 

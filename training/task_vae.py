@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from latentloom.training.config import TrainConfig
-from latentloom.training.export import write_component
+from latentloom.model_folder import write_component
 
 # A small VAE for 64x64 images: 4x downsampling to 16x16x4 latents, 1.4 M parameters.
 TINY_VAE_CONFIG: dict[str, Any] = {

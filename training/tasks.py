@@ -14,8 +14,10 @@ from typing import Any, Callable
 import torch
 
 from latentloom.training.config import PIXEL_SHUFFLE, TrainConfig
-from latentloom.training.export import find_vae_folder, read_scheduler_config
+from latentloom.file_io import read_json_object
+from latentloom.model_folder import find_vae_folder, read_scheduler_config
 from latentloom.training.objective import train_alphas_cumprod
+from latentloom.vae.loading import load_vae
 
 
 def load_dataset(cfg: TrainConfig):
@@ -41,30 +43,12 @@ def load_text_encoder(kind: str, *, device: torch.device, folder: str | Path | N
                      "(or fine-tune a folder whose model_index.json names a 'clip' text_encoder/)")
 
 
-def _read_json(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
-    return json.loads(path.read_text())
-
-
-def load_vae(folder: str | Path):
-    """A trained VAE folder: diffusers' AutoencoderKL, or a weightless PixelShuffleVAE config."""
-    from latentloom.pipelines.pixel_shuffle_vae import is_pixel_shuffle_folder, load_pixel_shuffle
-
-    if is_pixel_shuffle_folder(folder):
-        return load_pixel_shuffle(folder)
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL.from_pretrained(str(folder))
-
-
 def _unet_config(cfg: TrainConfig, *, in_channels: int, out_channels: int, context_dim: int, upscaler: bool):
     from latentloom.unet import UNetConfig
 
     if cfg.model_config is not None:
         # A hand-written config may name only what differs from UNetConfig's defaults.
-        values = _read_json(cfg.model_config)
+        values = read_json_object(cfg.model_config)
         known = {f.name for f in dataclasses.fields(UNetConfig)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -102,9 +86,7 @@ def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
         from latentloom.training.task_vae import VAETask, build_vae
 
         if cfg.pretrained is not None:
-            from diffusers import AutoencoderKL
-
-            vae = AutoencoderKL.from_pretrained(str(find_vae_folder(cfg.pretrained)))
+            vae = load_vae(find_vae_folder(cfg.pretrained))
         else:
             vae = build_vae(cfg.model_config, resolution=cfg.resolution)
         if cfg.gradient_checkpointing:
@@ -125,19 +107,19 @@ def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
             cfg = TrainConfig.from_dict({**cfg.to_dict(), "text_encoder": kind})
     text_encoder = load_text_encoder(cfg.text_encoder, device=device, folder=cfg.pretrained)
     if cfg.model == "clip":
-        from latentloom.training.image_text import ImageTextConfig, ImageTextModel
+        from latentloom.text_encoders.image_text import ImageTextConfig, ImageTextModel
         from latentloom.training.task_clip import ClipTask
 
         if cfg.pretrained is not None:
             model = ImageTextModel.from_pretrained(Path(cfg.pretrained) / "clip").train()
         else:
-            values = _read_json(cfg.model_config) if cfg.model_config else {}
+            values = read_json_object(cfg.model_config) if cfg.model_config else {}
             values.setdefault("text_dim", text_encoder.hidden_size)
             values.setdefault("resolution", cfg.resolution)
             model = ImageTextModel(ImageTextConfig.from_dict(values))
         return ClipTask(cfg, model=model, text_encoder=text_encoder, dataset=load_dataset(cfg))
 
-    from latentloom.pipelines.vae import vae_scale_factor
+    from latentloom.vae.codec import vae_scale_factor
     from latentloom.training.task_unet import UNetTask
     from latentloom.unet import UNet
 
@@ -156,7 +138,7 @@ def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
         if not upscaler:
             raise ValueError(f"vae='{PIXEL_SHUFFLE}' is for the upscaler (--model upscaler); a {cfg.model} "
                              "without a VAE folder already trains in pixel space")
-        from latentloom.pipelines.pixel_shuffle_vae import PixelShuffleVAE, factor_for
+        from latentloom.vae.pixel_shuffle import PixelShuffleVAE, factor_for
 
         from latentloom.pipelines.upscale_residual import RESIDUAL_SCALE
 
@@ -169,7 +151,7 @@ def make_task(cfg: TrainConfig, *, device: torch.device, is_main: bool = True,
     if vae_source is not None:
         vae = load_vae(vae_source).to(device).eval().requires_grad_(False)
     if cfg.residual:
-        from latentloom.pipelines.pixel_shuffle_vae import is_pixel_shuffle
+        from latentloom.vae.pixel_shuffle import is_pixel_shuffle
 
         if not is_pixel_shuffle(vae):
             raise ValueError(f"residual=True learns in pixel space, but the VAE from {vae_source} is a "
@@ -224,7 +206,7 @@ def build_latent_cache(cfg: TrainConfig, dataset: Any, *, vae: Any, vae_source: 
         raise ValueError("cache_latents is not supported for the upscaler (it needs the pixels for its condition)")
     if vae is None:
         raise ValueError("cache_latents needs a VAE (pass vae=<folder>); pixel-space training has nothing to cache")
-    from latentloom.pipelines.vae import encode_images
+    from latentloom.vae.codec import encode_images
 
     def encode_image(pixels: torch.Tensor) -> torch.Tensor:
         # The posterior mean: a cache stores one latent per image, and a frozen sample would be worse.
@@ -246,7 +228,7 @@ def build_latent_cache(cfg: TrainConfig, dataset: Any, *, vae: Any, vae_source: 
 
 def _resolve_bundled(cfg: TrainConfig) -> TrainConfig:
     """pretrained="bundled:NAME" -> the installed weights/NAME folder (the run's saved config keeps the name)."""
-    from latentloom.pipelines.loading import bundled_model_dir, bundled_name
+    from latentloom.weights import bundled_model_dir, bundled_name
 
     if not (isinstance(cfg.pretrained, str) and cfg.pretrained.startswith("bundled:")):
         return cfg

@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from latentloom.file_io import write_bytes_atomic
 
 _PER_LEVEL_INT = ("layers_per_level", "transformer_depth")
 _PER_LEVEL_BOOL = ("attention_levels", "only_cross_attention")
@@ -150,7 +151,7 @@ class UNetConfig:
 
     def save_json(self, path: str | os.PathLike) -> None:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write_bytes(Path(path), text.encode())
+        write_bytes_atomic(path, text.encode())
 
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> UNetConfig:
@@ -196,19 +197,4 @@ def _per_level(name: str, value: Any, levels: int, kind: type) -> list:
             raise ValueError(f"{name} entries must be >= 1, got {value!r}")
         return list(value)
     raise TypeError(f"{name} must be a {kind.__name__} or a list of {levels} {kind.__name__}s, got {value!r}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 

@@ -6,7 +6,6 @@ loading SD-sized weights costs no random init and no second copy.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from latentloom.file_io import read_json_object, write_atomic
 from latentloom.unet.config import UNetConfig
 from latentloom.unet.convert import (
     check_state_dict, diffusers_to_ours, infer_config_from_ldm_state_dict, ldm_to_diffusers,
@@ -110,13 +110,8 @@ def save_pretrained(model: UNet, folder: str | os.PathLike) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # Weights first, config last: a folder with a config always has its weights.
-    tmp = folder / f".{WEIGHTS_NAME}.{os.getpid()}.tmp"
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    try:
-        save_file(sd, str(tmp), metadata={"format": "pt", "latentloom": "unet"})
-        os.replace(tmp, folder / WEIGHTS_NAME)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(folder / WEIGHTS_NAME, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt", "latentloom": "unet"}))
     model.config.save_json(folder / CONFIG_NAME)
 
 
@@ -134,17 +129,6 @@ def load_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
     return build_with_weights(cfg, load_safetensors(weights), source=str(weights), dtype=dtype)
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file holding an object; ValueError naming the file otherwise."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _parse_config(path: Path, parse) -> UNetConfig:

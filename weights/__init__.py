@@ -1,4 +1,31 @@
-"""The bundled default model(s), shipped as package data (safetensors + JSON configs)."""
+"""The bundled models, shipped as package data (safetensors + JSON configs), and their names.
+
+`load_pipeline()` / `load_pipeline("bundled:NAME")` load them offline; training and evaluation
+refer to them by the same names.
+"""
+from __future__ import annotations
+
+import os
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent
+BUNDLED_NAME = "default"
+# What ships here: the text-to-image model and its 64 -> 128 upscale stage ("bundled:NAME").
+BUNDLED_MODELS = ("default", "upscaler")
+
+
+def bundled_model_dir(name: str = BUNDLED_NAME) -> Path:
+    return WEIGHTS_DIR / name
+
+
+def bundled_name(path: str | os.PathLike | None) -> str | None:
+    """None -> "default"; "bundled:NAME" -> NAME (checked); any other path -> None."""
+    if path is None:
+        return BUNDLED_NAME
+    if not (isinstance(path, str) and path.startswith("bundled:")):
+        return None
+    name = path.removeprefix("bundled:")
+    if name not in BUNDLED_MODELS:
+        known = ", ".join(f"'bundled:{n}'" for n in BUNDLED_MODELS)
+        raise ValueError(f"unknown bundled model {path!r}; expected one of {known}")
+    return name

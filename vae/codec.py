@@ -1,4 +1,4 @@
-"""Glue between latents and pixels around diffusers' AutoencoderKL (which we do not rewrite).
+"""Latents <-> pixels around a VAE (diffusers' AutoencoderKL, or the weightless PixelShuffleVAE).
 
 Pixel tensors are (B, 3, H, W) in [-1, 1]; latents are scaled by the VAE's
 `scaling_factor` (and shifted by `shift_factor` where the config has one), as diffusers does.
@@ -9,9 +9,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
-import numpy as np
 import torch
-from PIL import Image
 
 
 def vae_scale_factor(vae) -> int:
@@ -149,19 +147,3 @@ def encode_images(vae, images: torch.Tensor, *, generator=None, sample: bool = T
             dist = vae.encode(images).latent_dist
             z = dist.sample(generator=generator) if sample else dist.mode()
     return (z - _shift(vae)) * vae.config.scaling_factor
-
-
-def images_to_numpy(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> float32 array (B, H, W, 3) in [0, 1] (diffusers' postprocess)."""
-    return (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
-
-
-def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
-    """Float (B, H, W, 3) in [0, 1] -> PIL images, rounding as diffusers does."""
-    return [Image.fromarray(img) for img in (images * 255).round().astype("uint8")]
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """One PIL image -> (1, 3, H, W) float32 in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None]

@@ -32,11 +32,12 @@ import math
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from latentloom.file_io import write_atomic, write_bytes_atomic
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 # Saturated, well-separated colors: the closest pair (orange/yellow) is ~80 apart in RGB.
@@ -443,20 +444,8 @@ def write_dataset(
     for i in range(n):
         image, text, scene = make_item(i, seed=seed, split=split, size=size)
         name = f"{split}_{i:0{width}d}.png"
-        _atomic_write(out / name, lambda f, im=image: im.save(f, format="PNG"))
+        write_atomic(out / name, lambda tmp, im=image: im.save(tmp, format="PNG"), fsync=False)
         lines.append(json.dumps({"file_name": name, "text": text, "scene": scene_to_dict(scene)}))
     payload = ("\n".join(lines) + "\n").encode()
-    _atomic_write(meta_path, lambda f: f.write(payload))
+    write_bytes_atomic(meta_path, payload, fsync=False)
     return out
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
