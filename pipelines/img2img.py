@@ -14,7 +14,8 @@ from latentloom.pipelines.image_input import (
     check_image_size, encode_for_batch, images_to_tensor, per_prompt_images, record_hashes, to_model_range,
 )
 from latentloom.pipelines.output import PipelineOutput
-from latentloom.samplers.noise import add_noise, final_latents, randn, sigmas_for_strength
+from latentloom.samplers.forward import add_noise
+from latentloom.samplers.noise import final_latents, randn, sigmas_for_strength
 
 
 def check_strength(strength: Any) -> float:

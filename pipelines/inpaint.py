@@ -26,34 +26,11 @@ from latentloom.pipelines.img2img import check_strength
 from latentloom.pipelines.masks import (
     binarize, check_mask_size, dilated_latent_mask, feathered, mask_to_tensor, nearest_latent_mask, paste_onto,
 )
-from latentloom.pipelines.output import PipelineOutput
+from latentloom.pipelines.output import PipelineOutput, images_to_numpy, numpy_to_pil
+from latentloom.samplers.forward import add_noise
+from latentloom.samplers.guidance import InpaintBlend
+from latentloom.samplers.noise import final_latents, initial_latents, randn, sigmas_for_strength
 from latentloom.vae.codec import decode_latents
-from latentloom.pipelines.output import images_to_numpy, numpy_to_pil
-from latentloom.samplers.denoiser import append_dims, sigma_batch
-from latentloom.samplers.noise import add_noise, final_latents, initial_latents, randn, sigmas_for_strength
-
-
-class InpaintBlend:
-    """A denoiser that keeps the known region (mask 0) of `x0` (Lugmayr et al. 2022, RePaint, without
-    resampling): before the model call the known region of x is replaced by x0 noised to the current
-    sigma with the run's own noise; after it, the denoised known region is x0 itself.
-
-    x0, noise: (B, C, h, w); mask: (B, 1, h, w), 1 = repaint. Works with every sampler.
-    """
-
-    def __init__(self, denoiser: Callable, *, x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor):
-        if x0.shape != noise.shape or mask.shape[0] != x0.shape[0] or mask.shape[2:] != x0.shape[2:]:
-            raise ValueError(f"x0 {tuple(x0.shape)}, noise {tuple(noise.shape)} and mask {tuple(mask.shape)} "
-                             "must share batch and spatial size")
-        self.denoiser = denoiser
-        self.x0, self.noise, self.mask = x0, noise, mask
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        sigma_b = append_dims(sigma_batch(sigma, x), x.ndim)  # (B, 1, 1, 1)
-        known = self.x0 + sigma_b * self.noise
-        x = torch.lerp(known, x, self.mask)
-        denoised = self.denoiser(x, sigma)
-        return torch.lerp(self.x0, denoised, self.mask)
 
 
 @torch.no_grad()

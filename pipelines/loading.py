@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from latentloom.pipelines.defaults import CallDefaults, resolve_device, resolve_dtype
-from latentloom.pipelines.pipeline import Pipeline
+from latentloom.pipelines.pipeline import Pipeline, UpscalerSettings
 from latentloom.file_io import read_json_object
 from latentloom.samplers.schedules import ScheduleConfig
 from latentloom.vae.loading import load_vae
@@ -121,9 +121,8 @@ def load_diffusers_folder(folder: Path, index: dict[str, Any]) -> Pipeline:
     pipe = Pipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, schedule_config=schedule, name=str(folder),
         use_context_mask=False, defaults=CallDefaults(height=side, width=side),
-        weights_files=sorted((folder / "unet").glob("*.safetensors"))[:1],
+        weights_files=sorted((folder / "unet").glob("*.safetensors"))[:1], upscaler=_upscaler_settings(folder, index),
     )
-    _attach_low_res_schedule(pipe, folder, index)
     return pipe
 
 
@@ -156,16 +155,17 @@ def load_latentloom_folder(folder: Path, *, name: str) -> Pipeline:
         unet=unet, vae=vae, text_encoder=text_encoder, schedule_config=schedule, name=name,
         use_context_mask=bool(index.get("use_context_mask", True)), defaults=defaults,
         weights_files=sorted((folder / "unet").glob("*.safetensors")), clip_model=clip_model,
+        upscaler=_upscaler_settings(folder, index),
     )
-    _attach_low_res_schedule(pipe, folder, index)
     return pipe
 
 
-def _attach_low_res_schedule(pipe: Pipeline, folder: Path, index: dict[str, Any]) -> None:
+def _upscaler_settings(folder: Path, index: dict[str, Any]) -> UpscalerSettings | None:
     """An SD-x4-style upscaler folder (diffusers' or ours) has a low_res_scheduler/: what
-    pipe.upscale needs to noise-augment the low-resolution image."""
+    pipe.upscale needs to noise-augment the low-resolution image. None for other models."""
     if not (folder / "low_res_scheduler").is_dir():
-        return
+        return None
+    from latentloom.pipelines.upscale_residual import check_residual
     from latentloom.samplers.schedules import DiscreteSchedule
 
     low_res = read_json_object(folder / "low_res_scheduler" / "scheduler_config.json")
@@ -173,11 +173,11 @@ def _attach_low_res_schedule(pipe: Pipeline, folder: Path, index: dict[str, Any]
         warnings.simplefilter("ignore", UserWarning)
         # diffusers reads it into a DDPMScheduler, so keys it leaves out take DDPM's defaults
         low_res_config = ScheduleConfig.from_diffusers_config(low_res).for_sampler("ddpm")
-        pipe.low_res_schedule = DiscreteSchedule.from_config(low_res_config)
-    pipe.max_noise_level = int(index.get("max_noise_level", 350))
-    from latentloom.pipelines.upscale_residual import check_residual
-
-    pipe.residual = check_residual(index.get("residual"), folder / "model_index.json")
+    return UpscalerSettings(
+        low_res_schedule=DiscreteSchedule.from_config(low_res_config),
+        max_noise_level=int(index.get("max_noise_level", 350)),
+        residual=check_residual(index.get("residual"), folder / "model_index.json"),
+    )
 
 
 def _text_encoder_from_index(folder: Path, spec: dict[str, Any]):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,17 @@ from latentloom.vae.codec import vae_scale_factor
 from latentloom.samplers.schedules import DiscreteSchedule, ScheduleConfig
 
 
+@dataclass
+class UpscalerSettings:
+    """What an SD-x4-style upscaler brings beside its UNet: the noise schedule its low-resolution
+    input is augmented with (its low_res_scheduler), the largest noise level it was trained on, and
+    the enlargement its UNet's output is added to (None, or "bicubic": see `upscale_residual`)."""
+
+    low_res_schedule: DiscreteSchedule
+    max_noise_level: int
+    residual: str | None = None
+
+
 class Pipeline:
     """Holds the components; `pipe(prompt, ...)` makes images (see `txt2img.text_to_image`).
 
@@ -19,6 +31,7 @@ class Pipeline:
     encoder (`encode(list[str]) -> TextEmbedding`). schedule_config: the noise schedule the
     UNet was trained with. use_context_mask: pass the padding mask to cross-attention (the
     bundled model was trained with it; Stable Diffusion was not, so diffusers passes none).
+    upscaler: set for super-resolution models (`UpscalerSettings`), None otherwise.
     """
 
     def __init__(
@@ -33,6 +46,7 @@ class Pipeline:
         defaults: CallDefaults | None = None,
         weights_files: list[Path] | None = None,
         clip_model: Any = None,
+        upscaler: UpscalerSettings | None = None,
     ) -> None:
         self.unet = unet
         self.vae = vae
@@ -45,6 +59,7 @@ class Pipeline:
         self.defaults = defaults or CallDefaults()
         self.weights_files = list(weights_files or [])
         self.clip_model = clip_model
+        self.upscaler = upscaler
         self.clip_tokenizer = None  # set with a transformers CLIPModel as clip_model
         self._model_hash: str | None = None
         self.compiled = False  # set by compile(): the UNet's weights may be frozen into its graph

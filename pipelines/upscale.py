@@ -16,22 +16,17 @@ from latentloom.pipelines.image_input import (
 )
 from latentloom.pipelines.output import PipelineOutput
 from latentloom.pipelines.upscale_residual import residual_base
+from latentloom.samplers.forward import add_noise_at_timestep
 from latentloom.samplers.noise import final_latents, initial_latents, randn
 
 
 def upscaler_parts(pipe) -> tuple[Any, int]:
     """The low-res noise schedule and the largest noise level, or ValueError for a model that is no upscaler."""
-    schedule = getattr(pipe, "low_res_schedule", None)
-    if schedule is None:
+    if pipe.upscaler is None:
         raise ValueError(f"{pipe.name} is not an upscaler model: upscale needs an SD-x4-upscaler-style folder "
                          "(with low_res_scheduler/ and a UNet of latent + 3 input channels)")
-    return schedule, int(getattr(pipe, "max_noise_level", None) or schedule.num_train_timesteps - 1)
-
-
-def noise_low_res(schedule, images: torch.Tensor, noise: torch.Tensor, noise_level: int) -> torch.Tensor:
-    """DDPM forward process q(x_t | x_0) at t = noise_level, with diffusers' `add_noise` arithmetic."""
-    alpha_bar = schedule.alphas_cumprod.to(device=images.device, dtype=images.dtype)[noise_level]
-    return alpha_bar**0.5 * images + (1 - alpha_bar) ** 0.5 * noise
+    schedule = pipe.upscaler.low_res_schedule
+    return schedule, int(pipe.upscaler.max_noise_level or schedule.num_train_timesteps - 1)
 
 
 @torch.no_grad()
@@ -87,11 +82,12 @@ def upscale(
     device, batch, gen = pipe.device, call.batch, call.generator
     low = to_model_range(pixels).to(device)  # (n, 3, h, w) in [-1, 1]
     # a residual model's base: the clean low-res image enlarged (the augmentation noise only conditions)
-    base = residual_base(expand_to_batch(low, batch), (height, width)) if getattr(pipe, "residual", None) else None
+    base = residual_base(expand_to_batch(low, batch), (height, width)) if pipe.upscaler.residual else None
     if isinstance(gen, list) and len(gen) > 1:  # one generator per image: each draws its own low-res noise
         low = expand_to_batch(low, batch)
     low_noise = randn(low.shape, generator=gen, device=device, dtype=torch.float32)
-    low = expand_to_batch(noise_low_res(schedule, low, low_noise, noise_level), batch)  # (B, 3, h, w)
+    # noise augmentation: the low-res image at timestep noise_level of its own (low_res_scheduler) schedule
+    low = expand_to_batch(add_noise_at_timestep(low, low_noise, schedule.alphas_cumprod, noise_level), batch)
     labels = torch.full((batch,), noise_level, dtype=torch.long, device=device)  # (B,)
     denoiser = guided_denoiser(pipe, call, extra={"concat": low, "class_labels": labels})
 

@@ -29,7 +29,8 @@ from .clip_guidance import CLIPGuidance
 from .denoiser import Denoiser
 from .guidance import CFGDenoiser, InpaintBlend
 from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
-from .noise import add_noise, final_latents, init_noise_sigma, initial_latents, randn, sigmas_for_strength
+from .forward import add_noise, add_noise_at_timestep, prediction_target
+from .noise import final_latents, init_noise_sigma, initial_latents, randn, sigmas_for_strength
 from .schedules import (
     DiscreteSchedule,
     ScheduleConfig,
@@ -64,5 +65,6 @@ __all__ = [
     "SAMPLERS", "get_sampler",
     "ScheduleConfig", "DiscreteSchedule", "make_betas", "rescale_zero_terminal_snr", "make_sigmas",
     "sigmas_and_timesteps", "Denoiser", "CFGDenoiser", "CLIPGuidance", "InpaintBlend",
-    "randn", "init_noise_sigma", "initial_latents", "add_noise", "sigmas_for_strength", "final_latents",
+    "randn", "init_noise_sigma", "initial_latents", "add_noise", "add_noise_at_timestep", "prediction_target",
+    "sigmas_for_strength", "final_latents",
 ]

@@ -1,6 +1,7 @@
-"""Classifier-free guidance (Ho & Salimans 2022) with guidance rescale (Lin et al. 2023, Alg. 2).
+"""Guidance wrappers: classifier-free guidance (Ho & Salimans 2022) with guidance rescale (Lin et al.
+2023, Alg. 2), and the inpainting blend that keeps a known region.
 
-A wrapper: it takes a denoiser and is a denoiser, so it works with every solver.
+Each takes a denoiser and is a denoiser, so it works with every solver.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .denoiser import Denoiser, sigma_batch
+from .forward import add_noise
 
 _COND_KEYS = ("context", "context_mask", "class_labels", "concat")
 
@@ -100,25 +102,22 @@ class CFGDenoiser:
 
 
 class InpaintBlend:
-    """Keep the known region: x0 = mask * D(x, sigma) + (1 - mask) * x0_known (mask 1 = repaint).
+    """A denoiser that keeps the known region (mask 0) of `x0` (Lugmayr et al. 2022, RePaint, without
+    resampling): before the model call the known region of x is replaced by x0 noised to the current
+    sigma with the run's own noise; after it, the denoised known region is x0 itself.
 
-    For models without inpainting channels. It acts on the x0 estimate, so it works with every
-    solver; diffusers' legacy 4-channel inpaint loop instead re-noises the known latents after
-    each scheduler step, so results are close to, not equal to, diffusers'. Inpainting UNets
-    take mask and masked latents through the Denoiser's `concat` instead.
+    x0, noise: (B, C, h, w); mask: (B, 1, h, w), 1 = repaint. Works with every sampler.
     """
 
-    def __init__(self, denoiser: Callable[..., torch.Tensor], *, x0_known: torch.Tensor, mask: torch.Tensor):
-        if mask.ndim != x0_known.ndim or mask.shape[0] not in (1, x0_known.shape[0]) or mask.shape[2:] != x0_known.shape[2:]:
-            raise ValueError(
-                f"mask {tuple(mask.shape)} must broadcast over the known latents {tuple(x0_known.shape)} "
-                "(same batch or 1, one or all channels, same spatial size)"
-            )
+    def __init__(self, denoiser: Callable, *, x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor):
+        if x0.shape != noise.shape or mask.shape[0] != x0.shape[0] or mask.shape[2:] != x0.shape[2:]:
+            raise ValueError(f"x0 {tuple(x0.shape)}, noise {tuple(noise.shape)} and mask {tuple(mask.shape)} "
+                             "must share batch and spatial size")
         self.denoiser = denoiser
-        self.x0_known = x0_known
-        self.mask = mask
+        self.x0, self.noise, self.mask = x0, noise, mask
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
-        x0 = self.denoiser(x, sigma, **cond)
-        mask = self.mask.to(x0)
-        return mask * x0 + (1 - mask) * self.x0_known.to(x0)
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        known = add_noise(self.x0, self.noise, sigma)
+        x = torch.lerp(known, x, self.mask)
+        denoised = self.denoiser(x, sigma)
+        return torch.lerp(self.x0, denoised, self.mask)

@@ -12,7 +12,6 @@ from typing import Sequence
 
 import torch
 
-from .denoiser import append_dims, sigma_batch
 from .schedules import SAMPLER_NAMES, TIMESTEP_SPACINGS, VE_SAMPLERS
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
@@ -75,11 +74,6 @@ def initial_latents(
     """The txt2img starting sample (noise * init_noise_sigma) for `sampler`, from `randn` noise."""
     factor = init_noise_sigma(sigmas, sampler=sampler, timestep_spacing=timestep_spacing)
     return noise * factor
-
-
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """x0 noised to level sigma, x = x0 + sigma * noise (img2img / inpaint start; any sampler)."""
-    return x0 + append_dims(sigma_batch(sigma, x0), x0.ndim) * noise
 
 
 def sigmas_for_strength(sigmas: torch.Tensor, strength: float, *, sampler: str) -> torch.Tensor:

@@ -152,29 +152,3 @@ def test_cfg_errors():
         CFGDenoiser(denoiser, cond=cond, uncond={"context": torch.zeros(2, 6, 5)}, scale=5.0)(x, 1.0)
     with pytest.raises(ValueError, match="uncond context has batch 3, expected 2"):
         CFGDenoiser(denoiser, cond=cond, uncond={"context": torch.zeros(3, 6, 8)}, scale=5.0)(x, 1.0)
-
-
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
-def test_inpaint_blend_keeps_the_known_region_with_every_solver(sampler):
-    from latentloom.samplers.guidance import InpaintBlend
-    from latentloom.samplers.noise import add_noise, sigmas_for_strength
-
-    schedule, model, denoiser, cond, uncond = setup()
-    guided = CFGDenoiser(denoiser, cond=cond, uncond=uncond, scale=3.0)
-    known = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    mask = torch.zeros(1, 1, 8, 8)
-    mask[..., 2:6, 2:6] = 1.0
-    sigmas = sigmas_for_strength(make_sigmas(schedule, 10, sampler=sampler), 0.8, sampler=sampler)
-    g = [torch.Generator().manual_seed(s) for s in (0, 1)]
-    x = add_noise(known, randn(known.shape, generator=g), sigmas[0])
-    out = SAMPLERS[sampler](InpaintBlend(guided, x0_known=known, mask=mask), x, sigmas, generator=g)
-    keep = (1 - mask).bool().expand_as(known)
-    assert torch.allclose(out[keep], known[keep], atol=1e-5)
-    assert not torch.allclose(out[~keep], known[~keep], atol=1e-2)
-
-
-def test_inpaint_blend_rejects_a_mismatched_mask():
-    from latentloom.samplers.guidance import InpaintBlend
-
-    with pytest.raises(ValueError, match="must broadcast over the known latents"):
-        InpaintBlend(lambda x, s: x, x0_known=torch.zeros(2, 4, 8, 8), mask=torch.ones(2, 1, 4, 4))

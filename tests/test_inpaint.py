@@ -8,7 +8,7 @@ from PIL import Image
 import latentloom
 from builders import save_sd_folder, tiny_sd_pipeline, tiny_upscale_pipeline, use_scheduler
 from latentloom.cli import main as cli_main
-from latentloom.pipelines.inpaint import InpaintBlend
+from latentloom.samplers.guidance import InpaintBlend
 from latentloom.pipelines.masks import binarize, dilated_latent_mask, feathered, mask_to_tensor
 from latentloom.pipelines.metadata import read_metadata
 from latentloom.samplers import SAMPLERS

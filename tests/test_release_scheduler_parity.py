@@ -184,4 +184,4 @@ def test_upscale_matches_diffusers_on_x4_configs(x4_pair, sampler):
 def test_x4_low_res_schedule_is_diffusers_ddpm(x4_pair):
     """Its config leaves beta_schedule out: DDPM's default, "linear", not SD's "scaled_linear"."""
     reference, _, ours = x4_pair
-    assert torch.equal(ours.low_res_schedule.alphas_cumprod, reference.low_res_scheduler.alphas_cumprod.float())
+    assert torch.equal(ours.upscaler.low_res_schedule.alphas_cumprod, reference.low_res_scheduler.alphas_cumprod.float())

@@ -5,8 +5,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from latentloom.samplers import SAMPLERS, get_sampler
 from latentloom.samplers.denoiser import Denoiser
+from latentloom.samplers.forward import add_noise
 from latentloom.samplers.noise import (
-    add_noise,
     final_latents,
     init_noise_sigma,
     initial_latents,

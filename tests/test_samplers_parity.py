@@ -12,7 +12,8 @@ import torch
 
 from latentloom.samplers import SAMPLERS
 from latentloom.samplers.denoiser import Denoiser
-from latentloom.samplers.noise import add_noise, final_latents, initial_latents, randn, sigmas_for_strength
+from latentloom.samplers.forward import add_noise
+from latentloom.samplers.noise import final_latents, initial_latents, randn, sigmas_for_strength
 from latentloom.samplers.schedules import VP_SAMPLERS, DiscreteSchedule, ScheduleConfig, make_sigmas
 
 TOL = 1e-5

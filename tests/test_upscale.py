@@ -60,9 +60,9 @@ def test_same_images_as_diffusers_without_guidance(reference, ours):
 
 
 def test_loading_records_the_low_res_schedule(ours, reference):
-    assert ours.max_noise_level == 350
+    assert ours.upscaler.max_noise_level == 350
     expected = reference[0].low_res_scheduler.alphas_cumprod
-    assert torch.equal(ours.low_res_schedule.alphas_cumprod, expected.float())
+    assert torch.equal(ours.upscaler.low_res_schedule.alphas_cumprod, expected.float())
 
 
 def test_image_in_a_batch_equals_image_made_alone(ours):
@@ -92,7 +92,7 @@ def test_a_model_that_is_no_upscaler_is_refused(tmp_path):
         make(plain)
     # a 7-channel UNet whose folder had no low_res_scheduler/: refused by name
     pipe = latentloom.load_pipeline(save_sd_folder(tiny_upscale_pipeline(), tmp_path / "up"), device="cpu")
-    del pipe.low_res_schedule
+    pipe.upscaler = None
     with pytest.raises(ValueError, match="is not an upscaler model"):
         make(pipe)
 

@@ -87,7 +87,7 @@ def test_residual_upscaler_adds_the_bicubic_base(tmp_path):
     assert json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"] == RESIDUAL_SCALE
 
     pipe = latentloom.load_pipeline(folder, device="cpu", dtype="fp32")
-    assert pipe.residual == "bicubic"
+    assert pipe.upscaler.residual == "bicubic"
     low = torch.rand(2, 3, 16, 16)
     kw = {"image": low, "num_inference_steps": 2, "seed": 0, "progress": False}
     latents = pipe.upscale(["a red circle", "a blue star"], output_type="latent", **kw).images
@@ -97,7 +97,7 @@ def test_residual_upscaler_adds_the_bicubic_base(tmp_path):
     assert images.shape == (2, 32, 32, 3)
     assert abs(images - expected).max() < 1e-5
     # a plain pixel-space model of the same weights has no base: its images differ
-    pipe.residual = None
+    pipe.upscaler.residual = None
     plain = pipe.upscale(["a red circle", "a blue star"], output_type="np", **kw).images
     assert abs(plain - images).max() > 0.05
 

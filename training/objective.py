@@ -1,8 +1,6 @@
-"""The discrete DDPM training objective: noise, targets, min-SNR weights.
-
-x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps with integer t in [0, T). The network predicts
-eps, or v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 (Salimans & Ho 2022, "Progressive
-distillation", sec. 4).
+"""The discrete DDPM training objective: a noised batch at random timesteps, its eps / v targets,
+and min-SNR weights. The forward process itself (x_t and the targets) is `samplers.forward`, the
+one place that knows eps / v, shared with the samplers and the upscaler's noise augmentation.
 """
 from __future__ import annotations
 
@@ -11,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from latentloom.samplers.forward import add_noise_at_timestep, alpha_bar_at, prediction_target
 from latentloom.training.config import PREDICTION_TYPES
 
 
@@ -73,9 +72,8 @@ def add_noise(
         # (B, C, 1, 1): one shift per channel of each image
         shift = torch.randn((b, x0.shape[1], *([1] * (x0.ndim - 2))), device=x0.device, dtype=x0.dtype, generator=generator)
         eps = eps + noise_offset * shift
-    ab = ac[t].to(x0.dtype).view(b, *([1] * (x0.ndim - 1)))  # (B, 1, 1, 1)
-    x_t = ab.sqrt() * x0 + (1.0 - ab).sqrt() * eps
-    target = eps if prediction_type == "epsilon" else ab.sqrt() * eps - (1.0 - ab).sqrt() * x0
+    x_t = add_noise_at_timestep(x0, eps, ac, t)
+    target = prediction_target(x0, eps, alpha_bar_at(ac, t, x0), prediction_type=prediction_type)
     snr = (ac[t] / (1.0 - ac[t])).float()
     return NoisedBatch(x_t=x_t, t=t, target=target, snr=snr)
 

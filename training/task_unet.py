@@ -21,6 +21,7 @@ from latentloom.training.config import TrainConfig
 from latentloom.file_io import write_json_atomic
 from latentloom.model_folder import copy_component, scheduler_config, update_model_index, write_component
 from latentloom.training.objective import diffusion_loss
+from latentloom.samplers.forward import add_noise_at_timestep
 
 # The upscaler's low-resolution image is noised with its own fixed schedule (the SD x4
 # upscaler's "low_res_scheduler": linear betas 1e-4 .. 0.02 over 1000 steps).
@@ -49,13 +50,10 @@ def degrade(hi: torch.Tensor, *, low_resolution: int) -> torch.Tensor:
 def upscaler_condition(
     low: torch.Tensor, *, noise_level: torch.Tensor, size: tuple[int, int], generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Noise the low-res image at ``noise_level`` (B,) and resize it to the UNet's input size.
-
-    The pipeline calls this too (with its chosen noise level), so train and sample agree.
-    """
-    ac = low_res_alphas_cumprod().to(low.device)[noise_level].to(low.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    """Noise the low-res image at ``noise_level`` (B,) of the low-res schedule (as `pipelines.upscale`
+    does at sampling time) and resize it to the UNet's input size."""
     eps = torch.randn(low.shape, device=low.device, dtype=low.dtype, generator=generator)
-    noisy = ac.sqrt() * low + (1.0 - ac).sqrt() * eps
+    noisy = add_noise_at_timestep(low, eps, low_res_alphas_cumprod(), noise_level)
     return F.interpolate(noisy, size=size, mode="bilinear", align_corners=False)
 
 
