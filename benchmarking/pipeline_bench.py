@@ -315,7 +315,8 @@ def _encode_decode(ref, ours, steps, *, args: argparse.Namespace, runs: int):
     """Median seconds of text encoding and of VAE decode + PIL conversion, alternated."""
     import torch
 
-    from latentloom.pipelines.common import latents_to_output, text_conditions
+    from latentloom.pipelines.denoising import text_conditions
+    from latentloom.pipelines.output import latents_to_output
 
     def encode_diffusers():
         return ref.encode_prompt(args.prompt, ref.device, 1, True, None)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from latentloom.pipelines.common import check_int, check_output_type, check_prompt_list, check_size
+from latentloom.pipelines.arguments import check_int, check_output_type, check_prompt_list, check_size
 from latentloom.pipelines.image_input import expand_to_batch, images_to_tensor
 from latentloom.pipelines.masks import binarize, check_mask_size, feathered, mask_to_tensor, paste_onto
 from latentloom.pipelines.output import PipelineOutput

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentloom.pipelines.common import check_size
+from latentloom.pipelines.arguments import check_size
 from latentloom.vae.codec import encode_images
 
 

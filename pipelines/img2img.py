@@ -6,10 +6,10 @@ from typing import Any, Callable
 
 import torch
 
-from latentloom.pipelines.common import (
-    call_recipes, call_sigmas, check_float, check_unet_channels, guided_denoiser, latents_to_output, parse_call,
-    run_sampler,
-)
+from latentloom.pipelines.arguments import check_float, check_unet_channels, parse_call
+from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
+from latentloom.pipelines.metadata import call_recipes
+from latentloom.pipelines.output import latents_to_output
 from latentloom.pipelines.image_input import (
     check_image_size, encode_for_batch, images_to_tensor, per_prompt_images, record_hashes, to_model_range,
 )

@@ -81,3 +81,22 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(recipe, dict):
         raise ValueError(f"{path}: the latentloom metadata is not a JSON object")
     return recipe
+
+
+def call_recipes(pipe, call, *, height: int, width: int, task: str, **fields: Any) -> list[dict]:
+    """One recipe per image: the shared settings, the task's own `fields`, the prompt and seed."""
+    import latentloom
+
+    shared = {
+        "num_inference_steps": call.steps, "sampler": call.sampler, "karras_sigmas": call.karras,
+        "guidance_scale": call.scale, "guidance_rescale": call.rescale, "clip_guidance_scale": 0.0,
+        "height": height, "width": width, "model": pipe.name, "model_hash": pipe.model_hash(),
+        "dtype": str(pipe.dtype).removeprefix("torch."), "latentloom_version": latentloom.__version__,
+        "scheduler_config": call.schedule.settings(), "task": task, **fields,
+    }
+    n = call.per_prompt
+    return [
+        {**shared, "prompt": call.prompts[i // n], "seed": call.seeds[i],
+         "negative_prompt": call.negatives[i // n] if call.negatives else None}
+        for i in range(call.batch)
+    ]

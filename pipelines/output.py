@@ -1,4 +1,4 @@
-"""What a pipeline call returns."""
+"""What a pipeline call returns: decoded latents formatted as PIL images, arrays or latents, with recipes."""
 from __future__ import annotations
 
 import os
@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from latentloom.pipelines.metadata import save_png
+from latentloom.vae.codec import decode_latents
 
 
 @dataclass
@@ -45,3 +46,17 @@ def images_to_numpy(images: torch.Tensor) -> np.ndarray:
 def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
     """Float (B, H, W, 3) in [0, 1] -> PIL images, rounding as diffusers does."""
     return [Image.fromarray(img) for img in (images * 255).round().astype("uint8")]
+
+
+def latents_to_output(pipe, latents: torch.Tensor, output_type: str, *, vae_tiling: bool | None = None,
+                      base: torch.Tensor | None = None):
+    """Decode latents and format them as `output_type` ("pil", "np" or "latent"); `vae_tiling` as in
+    `vae.decode_latents` (None: automatic); `base`: pixels in [-1, 1] added to the decoded ones (a
+    residual upscaler's bicubic enlargement)."""
+    if output_type == "latent":
+        return latents
+    pixels = decode_latents(pipe.vae, latents, tiling=vae_tiling)
+    if base is not None:
+        pixels = pixels.float() + base.to(pixels.device)
+    array = images_to_numpy(pixels)
+    return array if output_type == "np" else numpy_to_pil(array)

@@ -5,9 +5,10 @@ from typing import Callable
 
 import torch
 
-from latentloom.pipelines.common import (
-    call_recipes, call_sigmas, check_float, check_size, guided_denoiser, latents_to_output, parse_call, run_sampler,
-)
+from latentloom.pipelines.arguments import check_float, check_size, parse_call
+from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
+from latentloom.pipelines.metadata import call_recipes
+from latentloom.pipelines.output import latents_to_output
 from latentloom.pipelines.output import PipelineOutput
 from latentloom.samplers.noise import final_latents, initial_latents, randn
 

@@ -180,7 +180,7 @@ def test_vae_tiling_argument_is_checked_before_any_work(pipe, monkeypatch):
 @pytest.mark.parametrize("flag, expected", [("on", True), ("off", False), ("auto", None), (None, None)])
 def test_cli_vae_tiling_option(folder, tmp_path, monkeypatch, flag, expected):
     seen = []
-    from latentloom.pipelines import common
+    from latentloom.pipelines import output as common
 
     original = common.decode_latents
     monkeypatch.setattr(common, "decode_latents",
@@ -199,7 +199,7 @@ def test_cli_rejects_an_unknown_vae_tiling_choice(folder, tmp_path, capsys):
 
 
 def test_vae_tiling_is_recorded_and_replayed_by_generate_from(folder, tmp_path, monkeypatch):
-    from latentloom.pipelines import common
+    from latentloom.pipelines import output as common
     from latentloom.pipelines.metadata import read_metadata
 
     base = ["--model", str(folder), "--steps", "1", "--height", "16", "--width", "16", "--seed", "0", "--no-progress"]

@@ -1,24 +1,20 @@
-"""Steps every pipeline shares: checking arguments, seeding, encoding prompts, the
-denoising loop with guidance and a progress bar, and turning latents into images."""
+"""Checking a pipeline call's arguments before any work is done: prompts, numbers, sizes, seeds and
+generators, the model's scheduler settings for the chosen sampler, and the shared `CallArgs`.
+
+Errors name the bad value and what would be accepted."""
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 import secrets
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from latentloom.vae.codec import check_tiling, decode_latents
-from latentloom.pipelines.output import images_to_numpy, numpy_to_pil
 from latentloom.samplers import get_sampler
-from latentloom.samplers.denoiser import Denoiser
-from latentloom.samplers.guidance import CFGDenoiser
 from latentloom.samplers.schedules import ScheduleConfig
+from latentloom.vae.codec import check_tiling
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_PIXELS = 4096 * 4096  # beyond this a request is a mistake, not a wish
@@ -115,6 +111,12 @@ def size_multiple(pipe) -> int:
     return pipe.vae_scale_factor
 
 
+def check_output_type(output_type: Any) -> str:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    return output_type
+
+
 def make_generators(
     *, seed: Any, generator: Any, batch: int
 ) -> tuple[torch.Generator | list[torch.Generator], list[int | None]]:
@@ -142,121 +144,20 @@ def make_generators(
     return [torch.Generator("cpu").manual_seed(s) for s in seeds], seeds
 
 
-class UNetCall:
-    """The UNet as the Denoiser's model: casts inputs to the UNet's dtype and the output back,
-    so the sampler's arithmetic stays in the latents' dtype (float32).
-
-    A float16 / bfloat16 forward that overflows (inf or NaN in the prediction) would turn the
-    latents, and so the image, black. Then this step and the rest of the call run on a float32
-    copy of the UNet, with a warning; one made for one call and dropped with it.
-    """
-
-    def __init__(self, unet) -> None:
-        self.unet = unet
-        self.fp32_unet = None
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
-        if self.fp32_unet is None:
-            out = self._forward(self.unet, x, t, cond)
-            if torch.isfinite(out).all():
-                return out
-            dtype = next(self.unet.parameters()).dtype
-            if dtype == torch.float32:
-                raise FloatingPointError("the UNet predicted non-finite values in float32 (broken weights or "
-                                         "inputs); no image is made")
-            warnings.warn(f"the UNet overflowed in {dtype} (non-finite prediction); running this call's "
-                          "remaining steps in float32", RuntimeWarning, stacklevel=2)
-            self.fp32_unet = copy.deepcopy(self.unet).float()
-        out = self._forward(self.fp32_unet, x, t, cond)
-        if not torch.isfinite(out).all():
-            raise FloatingPointError("the UNet predicted non-finite values even in float32; no image is made")
-        return out
-
-    @staticmethod
-    def _forward(unet, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        dtype = next(unet.parameters()).dtype
-        cond = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in cond.items()}
-        return unet(x.to(dtype), t, **cond).to(x.dtype)
+def check_unet_channels(pipe, *, expected: tuple[int, ...], task: str) -> int:
+    """The UNet's input channels, or ValueError when this task cannot use such a UNet."""
+    channels = int(pipe.unet.config.in_channels)
+    if channels not in expected:
+        raise ValueError(
+            f"{task} needs a UNet with {' or '.join(map(str, expected))} input channels; this model's UNet has "
+            f"{channels} (4 = text-to-image / img2img, 9 = SD-inpainting, 7 = x4 upscaler)"
+        )
+    return channels
 
 
-def text_conditions(pipe, prompts: list[str], negatives: list[str] | None, *, guided: bool) -> tuple[dict, dict | None]:
-    """Encode prompts (and negatives, when guidance needs them) into UNet keyword arguments."""
-    encoder = pipe.text_encoder
-    if guided:
-        cond_emb, uncond_emb = encoder.encode_pair(prompts, negatives)
-    else:
-        cond_emb, uncond_emb = encoder.encode(prompts), None
-
-    def as_kwargs(emb) -> dict:
-        kwargs = {"context": emb.hidden.to(pipe.device)}
-        if pipe.use_context_mask:
-            kwargs["context_mask"] = emb.mask.to(pipe.device)
-        return kwargs
-
-    return as_kwargs(cond_emb), (as_kwargs(uncond_emb) if uncond_emb is not None else None)
-
-
-def repeat_cond(cond: dict, repeats: int) -> dict:
-    """Repeat each prompt's conditioning `repeats` times (num_images_per_prompt), prompt-major."""
-    return {k: v.repeat_interleave(repeats, dim=0) for k, v in cond.items()}
-
-
-def build_denoiser(pipe, *, cond: dict, uncond: dict | None, guidance_scale: float, guidance_rescale: float,
-                   schedule: ScheduleConfig, extra: dict | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The guided denoiser (x, sigma) -> x0 for this call, on the call's resolved `schedule`.
-    `extra` holds conditioning shared by both halves (concat channels, class labels)."""
-    denoiser = Denoiser(UNetCall(pipe.unet), pipe.discrete_schedule(schedule), prediction_type=schedule.prediction_type)
-    extra = extra or {}
-    if uncond is None:
-        return lambda x, sigma: denoiser(x, sigma, **cond, **extra)
-    return CFGDenoiser(denoiser, cond={**cond, **extra}, uncond={**uncond, **extra},
-                       scale=guidance_scale, rescale=guidance_rescale)
-
-
-def run_sampler(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator,
-                callback: Callable | None, progress: bool, schedule: ScheduleConfig) -> torch.Tensor:
-    """Run solver `name` with a tqdm bar over its steps (off with progress=False), with the
-    options its resolved `schedule` asks for (clip_sample)."""
-    check_callback(callback)
-    options = {"clip_denoised": schedule.clip_sample_range} if schedule.clip_sample else {}
-    sample = get_sampler(name)
-    bar = tqdm(total=len(sigmas) - 1, desc=f"latentloom {name}", disable=not progress, leave=False)
-
-    def on_step(i, sigma, x_i, denoised):
-        bar.update(1)
-        if callback is not None:
-            callback(i, sigma, x_i, denoised)
-
-    try:
-        return sample(denoiser, x, sigmas, generator=generator, callback=on_step, **options)
-    finally:
-        bar.close()
-
-
-def latents_to_output(pipe, latents: torch.Tensor, output_type: str, *, vae_tiling: bool | None = None,
-                      base: torch.Tensor | None = None):
-    """Decode latents and format them as `output_type` ("pil", "np" or "latent"); `vae_tiling` as in
-    `vae.decode_latents` (None: automatic); `base`: pixels in [-1, 1] added to the decoded ones (a
-    residual upscaler's bicubic enlargement)."""
-    if output_type == "latent":
-        return latents
-    pixels = decode_latents(pipe.vae, latents, tiling=vae_tiling)
-    if base is not None:
-        pixels = pixels.float() + base.to(pixels.device)
-    array = images_to_numpy(pixels)
-    return array if output_type == "np" else numpy_to_pil(array)
-
-
-def check_output_type(output_type: Any) -> str:
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    return output_type
-
-
-# ---------------------------------------------------------------- shared by the image-conditioned pipelines
 @dataclass
 class CallArgs:
-    """The checked arguments every pipeline call shares (what txt2img checks one by one)."""
+    """The checked arguments every pipeline call shares (`parse_call`)."""
 
     prompts: list[str]
     negatives: list[str] | None
@@ -316,52 +217,3 @@ def call_schedule(pipe, sampler: str, scheduler_config: Any = None) -> ScheduleC
         raise ValueError(f"num_train_timesteps {schedule.num_train_timesteps} does not match this model's "
                          f"{pipe.schedule.num_train_timesteps}")
     return schedule
-
-
-def call_sigmas(pipe, call: CallArgs) -> torch.Tensor:
-    """The full sigma ladder (N + 1,) for this call's sampler, step count and resolved schedule."""
-    from latentloom.samplers.schedules import make_sigmas
-
-    cfg = call.schedule
-    return make_sigmas(pipe.discrete_schedule(cfg), call.steps, sampler=call.sampler,
-                       timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset, karras=call.karras,
-                       set_alpha_to_one=cfg.set_alpha_to_one)
-
-
-def guided_denoiser(pipe, call: CallArgs, *, extra: dict | None = None):
-    """Encode the prompts and build the (CFG-)guided denoiser; `extra` as in `build_denoiser`."""
-    cond, uncond = text_conditions(pipe, call.prompts, call.negatives, guided=call.scale > 1.0)
-    cond = repeat_cond(cond, call.per_prompt)
-    uncond = repeat_cond(uncond, call.per_prompt) if uncond is not None else None
-    return build_denoiser(pipe, cond=cond, uncond=uncond, guidance_scale=call.scale,
-                          guidance_rescale=call.rescale, schedule=call.schedule, extra=extra)
-
-
-def call_recipes(pipe, call: CallArgs, *, height: int, width: int, task: str, **fields: Any) -> list[dict]:
-    """One recipe per image: the shared settings, the task's own `fields`, the prompt and seed."""
-    import latentloom
-
-    shared = {
-        "num_inference_steps": call.steps, "sampler": call.sampler, "karras_sigmas": call.karras,
-        "guidance_scale": call.scale, "guidance_rescale": call.rescale, "clip_guidance_scale": 0.0,
-        "height": height, "width": width, "model": pipe.name, "model_hash": pipe.model_hash(),
-        "dtype": str(pipe.dtype).removeprefix("torch."), "latentloom_version": latentloom.__version__,
-        "scheduler_config": call.schedule.settings(), "task": task, **fields,
-    }
-    n = call.per_prompt
-    return [
-        {**shared, "prompt": call.prompts[i // n], "seed": call.seeds[i],
-         "negative_prompt": call.negatives[i // n] if call.negatives else None}
-        for i in range(call.batch)
-    ]
-
-
-def check_unet_channels(pipe, *, expected: tuple[int, ...], task: str) -> int:
-    """The UNet's input channels, or ValueError when this task cannot use such a UNet."""
-    channels = int(pipe.unet.config.in_channels)
-    if channels not in expected:
-        raise ValueError(
-            f"{task} needs a UNet with {' or '.join(map(str, expected))} input channels; this model's UNet has "
-            f"{channels} (4 = text-to-image / img2img, 9 = SD-inpainting, 7 = x4 upscaler)"
-        )
-    return channels

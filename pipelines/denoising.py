@@ -1,0 +1,126 @@
+"""The denoising run every pipeline shares: the UNet as the sampler's model (with its float32 fallback),
+the prompts' conditioning, the (CFG-)guided denoiser on the call's resolved schedule, the sigma ladder,
+and the solver run with a progress bar."""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from latentloom.pipelines.arguments import CallArgs, check_callback
+from latentloom.samplers import get_sampler
+from latentloom.samplers.denoiser import Denoiser
+from latentloom.samplers.guidance import CFGDenoiser
+from latentloom.samplers.schedules import ScheduleConfig
+
+class UNetCall:
+    """The UNet as the Denoiser's model: casts inputs to the UNet's dtype and the output back,
+    so the sampler's arithmetic stays in the latents' dtype (float32).
+
+    A float16 / bfloat16 forward that overflows (inf or NaN in the prediction) would turn the
+    latents, and so the image, black. Then this step and the rest of the call run on a float32
+    copy of the UNet, with a warning; one made for one call and dropped with it.
+    """
+
+    def __init__(self, unet) -> None:
+        self.unet = unet
+        self.fp32_unet = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        if self.fp32_unet is None:
+            out = self._forward(self.unet, x, t, cond)
+            if torch.isfinite(out).all():
+                return out
+            dtype = next(self.unet.parameters()).dtype
+            if dtype == torch.float32:
+                raise FloatingPointError("the UNet predicted non-finite values in float32 (broken weights or "
+                                         "inputs); no image is made")
+            warnings.warn(f"the UNet overflowed in {dtype} (non-finite prediction); running this call's "
+                          "remaining steps in float32", RuntimeWarning, stacklevel=2)
+            self.fp32_unet = copy.deepcopy(self.unet).float()
+        out = self._forward(self.fp32_unet, x, t, cond)
+        if not torch.isfinite(out).all():
+            raise FloatingPointError("the UNet predicted non-finite values even in float32; no image is made")
+        return out
+
+    @staticmethod
+    def _forward(unet, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        dtype = next(unet.parameters()).dtype
+        cond = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in cond.items()}
+        return unet(x.to(dtype), t, **cond).to(x.dtype)
+
+
+def text_conditions(pipe, prompts: list[str], negatives: list[str] | None, *, guided: bool) -> tuple[dict, dict | None]:
+    """Encode prompts (and negatives, when guidance needs them) into UNet keyword arguments."""
+    encoder = pipe.text_encoder
+    if guided:
+        cond_emb, uncond_emb = encoder.encode_pair(prompts, negatives)
+    else:
+        cond_emb, uncond_emb = encoder.encode(prompts), None
+
+    def as_kwargs(emb) -> dict:
+        kwargs = {"context": emb.hidden.to(pipe.device)}
+        if pipe.use_context_mask:
+            kwargs["context_mask"] = emb.mask.to(pipe.device)
+        return kwargs
+
+    return as_kwargs(cond_emb), (as_kwargs(uncond_emb) if uncond_emb is not None else None)
+
+
+def repeat_cond(cond: dict, repeats: int) -> dict:
+    """Repeat each prompt's conditioning `repeats` times (num_images_per_prompt), prompt-major."""
+    return {k: v.repeat_interleave(repeats, dim=0) for k, v in cond.items()}
+
+
+def build_denoiser(pipe, *, cond: dict, uncond: dict | None, guidance_scale: float, guidance_rescale: float,
+                   schedule: ScheduleConfig, extra: dict | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The guided denoiser (x, sigma) -> x0 for this call, on the call's resolved `schedule`.
+    `extra` holds conditioning shared by both halves (concat channels, class labels)."""
+    denoiser = Denoiser(UNetCall(pipe.unet), pipe.discrete_schedule(schedule), prediction_type=schedule.prediction_type)
+    extra = extra or {}
+    if uncond is None:
+        return lambda x, sigma: denoiser(x, sigma, **cond, **extra)
+    return CFGDenoiser(denoiser, cond={**cond, **extra}, uncond={**uncond, **extra},
+                       scale=guidance_scale, rescale=guidance_rescale)
+
+
+def guided_denoiser(pipe, call: CallArgs, *, extra: dict | None = None):
+    """Encode the prompts and build the (CFG-)guided denoiser; `extra` as in `build_denoiser`."""
+    cond, uncond = text_conditions(pipe, call.prompts, call.negatives, guided=call.scale > 1.0)
+    cond = repeat_cond(cond, call.per_prompt)
+    uncond = repeat_cond(uncond, call.per_prompt) if uncond is not None else None
+    return build_denoiser(pipe, cond=cond, uncond=uncond, guidance_scale=call.scale,
+                          guidance_rescale=call.rescale, schedule=call.schedule, extra=extra)
+
+
+def call_sigmas(pipe, call: CallArgs) -> torch.Tensor:
+    """The full sigma ladder (N + 1,) for this call's sampler, step count and resolved schedule."""
+    from latentloom.samplers.schedules import make_sigmas
+
+    cfg = call.schedule
+    return make_sigmas(pipe.discrete_schedule(cfg), call.steps, sampler=call.sampler,
+                       timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset, karras=call.karras,
+                       set_alpha_to_one=cfg.set_alpha_to_one)
+
+
+def run_sampler(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator,
+                callback: Callable | None, progress: bool, schedule: ScheduleConfig) -> torch.Tensor:
+    """Run solver `name` with a tqdm bar over its steps (off with progress=False), with the
+    options its resolved `schedule` asks for (clip_sample)."""
+    check_callback(callback)
+    options = {"clip_denoised": schedule.clip_sample_range} if schedule.clip_sample else {}
+    sample = get_sampler(name)
+    bar = tqdm(total=len(sigmas) - 1, desc=f"latentloom {name}", disable=not progress, leave=False)
+
+    def on_step(i, sigma, x_i, denoised):
+        bar.update(1)
+        if callback is not None:
+            callback(i, sigma, x_i, denoised)
+
+    try:
+        return sample(denoiser, x, sigmas, generator=generator, callback=on_step, **options)
+    finally:
+        bar.close()
