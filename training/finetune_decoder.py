@@ -6,6 +6,14 @@ or after, the UNet trains. Loss: the VAE task's per-pixel |x - x_hat| + (x - x_h
 decodes of posterior samples (as in `latentloom train --model vae`).
 
     python -m latentloom.training.finetune_decoder --vae OUT/vae --data DATA --steps 600 --output OUT/vae
+
+Why a loop of its own beside `training.loop.train`: this recipe differs from the VAE task in every
+part the one loop delegates to a task. Its loss weights edge pixels; the encoder is frozen and
+its posterior is sampled from the recipe's own generator; the learning rate falls on a cosine to
+0 with no checkpoints to resume; and the result replaces the VAE folder it started from while
+keeping its scaling factor (the UNet's latents depend on it), where the VAE task's export
+measures a new one. Folding it into the VAE task would add four options used by this one recipe,
+whose results (weights/README.md) were made with this loop; it stays a single 30-line loop.
 """
 from __future__ import annotations
 

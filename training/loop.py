@@ -85,24 +85,8 @@ def train(cfg: TrainConfig, *, task: Any = None) -> Path:
     torch.manual_seed(cfg.seed * 31 + rank)
 
     ckpt_root = cfg.checkpoint_dir / cfg.model
-    step, position = 0, 0
-    resume_from = resolve_resume(cfg.resume, root=ckpt_root) if cfg.resume else None
-    if cfg.resume == "latest" and resume_from is None and accelerator.is_main_process:
-        print(f"latentloom train: no checkpoint under {ckpt_root} yet; starting from step 0")
-    if resume_from is not None:
-        model_state, ema_state, state = load_checkpoint(
-            resume_from, optimizer=optimizer, lr_scheduler=lr_scheduler, generators=generators, rank=rank
-        )
-        if state.get("world_size", world) != world:
-            raise ValueError(f"{resume_from} was written by {state['world_size']} processes; this run has {world}")
-        model.load_state_dict(model_state)
-        if ema is not None:
-            if ema_state is None:
-                raise ValueError(f"{resume_from} has no EMA weights but this run has --ema; resume without it")
-            ema.load_state_dict(ema_state)
-        step, position = int(state["step"]), int(state["position"])
-        if accelerator.is_main_process:
-            print(f"latentloom train: resumed from {resume_from} at step {step}")
+    step, position = _resume(cfg, ckpt_root, accelerator, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                             ema=ema, generators=generators)
 
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     global_batch = cfg.batch_size * world
@@ -115,53 +99,18 @@ def train(cfg: TrainConfig, *, task: Any = None) -> Path:
     )
     batches = iter(loader)
 
-    progress = None
-    if cfg.progress and accelerator.is_main_process:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", unit="step", dynamic_ncols=True)
-    log_file = cfg.checkpoint_dir / f"{cfg.model}-log.jsonl"  # one JSON line per log_every steps
     stop_at = cfg.steps if cfg.stop_after is None else min(cfg.steps, step + cfg.stop_after)
+    log = _Log(cfg, first_step=step, images_per_step=global_batch * cfg.grad_accum,
+               main=accelerator.is_main_process)
     ddp_model.train()
-    t_start, steps_timed, loss_avg = time.perf_counter(), 0, float("nan")
     while step < stop_at:
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            # Gradients are all-reduced only on the last micro-batch of a step.
-            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(ddp_model)
-            with sync:
-                with accelerator.autocast():
-                    loss = task.loss(ddp_model, batch, generators=generators)
-                accelerator.backward(loss / cfg.grad_accum)
-            loss_sum += loss.detach().float().item()
-        if not math.isfinite(loss_sum):  # before the step: the last checkpoint and the weights stay good
-            raise FloatingPointError(
-                f"the loss became {loss_sum} at step {step + 1}; lower --lr or use --mixed-precision no"
-            )
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum = _optimizer_step(cfg, task, accelerator, ddp_model, batches, params=params, optimizer=optimizer,
+                                   lr_scheduler=lr_scheduler, generators=generators, step=step)
         step += 1
         position += global_batch * cfg.grad_accum
-        steps_timed += 1
         if ema is not None:
             ema.update(model)
-        loss_avg = loss_sum / cfg.grad_accum if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss_sum / cfg.grad_accum
-        if accelerator.is_main_process and (step % cfg.log_every == 0 or step == stop_at):
-            elapsed = time.perf_counter() - t_start
-            images_per_s = steps_timed * global_batch * cfg.grad_accum / max(elapsed, 1e-9)
-            record = {"step": step, "loss": loss_sum / cfg.grad_accum, "loss_ema": loss_avg,
-                      "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_s}
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if progress is not None:
-                progress.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.1f}")
-        if progress is not None:
-            progress.update(1)
+        log.step(step, loss_sum, lr=lr_scheduler.get_last_lr()[0], write=step % cfg.log_every == 0 or step == stop_at)
         if step % cfg.checkpoint_every == 0 or step == stop_at:
             save_checkpoint(
                 ckpt_root,
@@ -176,28 +125,121 @@ def train(cfg: TrainConfig, *, task: Any = None) -> Path:
                 barrier=accelerator.wait_for_everyone,
                 total_limit=cfg.checkpoints_total_limit,
             )
-    if progress is not None:
-        progress.close()
-    elapsed = time.perf_counter() - t_start
-    stats = {
-        "steps": step,
-        "images_per_s": steps_timed * global_batch * cfg.grad_accum / elapsed if steps_timed else None,
-        "final_loss_ema": loss_avg,
-        "processes": world,
-    }
+    task.stats = log.close(step, processes=world)
     output = Path(cfg.output)
-    task.stats = stats
-    if accelerator.is_main_process:
-        cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.checkpoint_dir / f"{cfg.model}-train-stats.json").write_text(json.dumps(stats, indent=2))
     if step < cfg.steps:  # stopped early: the checkpoint is the result; export when finished
         return output
     if accelerator.is_main_process:
-        export_model = model
-        if ema is not None:
-            export_model = copy.deepcopy(model)
-            ema.copy_to(export_model)
-        export_model.eval()
-        task.export(export_model, output)
+        _export(task, model, ema, output)
     accelerator.wait_for_everyone()
     return output
+
+
+def _resume(cfg: TrainConfig, ckpt_root: Path, accelerator, *, model: nn.Module, optimizer, lr_scheduler,
+            ema: EMA | None, generators: dict[str, torch.Generator]) -> tuple[int, int]:
+    """(step, data position) to start from: 0, 0, or those of the checkpoint cfg.resume names, whose
+    weights, optimizer, schedule, EMA and random streams are loaded into the run."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    resume_from = resolve_resume(cfg.resume, root=ckpt_root) if cfg.resume else None
+    if cfg.resume == "latest" and resume_from is None and accelerator.is_main_process:
+        print(f"latentloom train: no checkpoint under {ckpt_root} yet; starting from step 0")
+    if resume_from is None:
+        return 0, 0
+    model_state, ema_state, state = load_checkpoint(
+        resume_from, optimizer=optimizer, lr_scheduler=lr_scheduler, generators=generators, rank=rank
+    )
+    if state.get("world_size", world) != world:
+        raise ValueError(f"{resume_from} was written by {state['world_size']} processes; this run has {world}")
+    model.load_state_dict(model_state)
+    if ema is not None:
+        if ema_state is None:
+            raise ValueError(f"{resume_from} has no EMA weights but this run has --ema; resume without it")
+        ema.load_state_dict(ema_state)
+    if accelerator.is_main_process:
+        print(f"latentloom train: resumed from {resume_from} at step {int(state['step'])}")
+    return int(state["step"]), int(state["position"])
+
+
+def _optimizer_step(cfg: TrainConfig, task: Any, accelerator, ddp_model: nn.Module, batches, *, params, optimizer,
+                    lr_scheduler, generators: dict[str, torch.Generator], step: int) -> float:
+    """One optimizer step over cfg.grad_accum micro-batches; returns the sum of their losses."""
+    loss_sum = 0.0
+    for micro in range(cfg.grad_accum):
+        batch = next(batches)
+        # Gradients are all-reduced only on the last micro-batch of a step.
+        sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(ddp_model)
+        with sync:
+            with accelerator.autocast():
+                loss = task.loss(ddp_model, batch, generators=generators)
+            accelerator.backward(loss / cfg.grad_accum)
+        loss_sum += loss.detach().float().item()
+    if not math.isfinite(loss_sum):  # before the step: the last checkpoint and the weights stay good
+        raise FloatingPointError(
+            f"the loss became {loss_sum} at step {step + 1}; lower --lr or use --mixed-precision no"
+        )
+    if cfg.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+class _Log:
+    """The run's progress bar, its JSON-lines log (one line per log_every steps) and its final stats;
+    only the main process writes."""
+
+    def __init__(self, cfg: TrainConfig, *, first_step: int, images_per_step: int, main: bool) -> None:
+        self.cfg, self.main, self.images_per_step = cfg, main, images_per_step
+        self.file = cfg.checkpoint_dir / f"{cfg.model}-log.jsonl"
+        self.progress = None
+        if cfg.progress and main:
+            from tqdm.auto import tqdm
+
+            self.progress = tqdm(total=cfg.steps, initial=first_step, desc=f"train {cfg.model}", unit="step",
+                                 dynamic_ncols=True)
+        self.t_start, self.steps_timed, self.loss_avg = time.perf_counter(), 0, float("nan")
+
+    def step(self, step: int, loss_sum: float, *, lr: float, write: bool) -> None:
+        """Count a step whose micro-batch losses summed to loss_sum."""
+        accum = self.cfg.grad_accum
+        self.steps_timed += 1
+        self.loss_avg = loss_sum / accum if math.isnan(self.loss_avg) else 0.9 * self.loss_avg + 0.1 * loss_sum / accum
+        if self.main and write:
+            elapsed = time.perf_counter() - self.t_start
+            images_per_s = self.steps_timed * self.images_per_step / max(elapsed, 1e-9)
+            record = {"step": step, "loss": loss_sum / accum, "loss_ema": self.loss_avg, "lr": lr,
+                      "images_per_s": images_per_s}
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.progress is not None:
+                self.progress.set_postfix(loss=f"{self.loss_avg:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def close(self, step: int, *, processes: int) -> dict[str, Any]:
+        """Close the bar and write CHECKPOINT_DIR/MODEL-train-stats.json; returns the stats."""
+        if self.progress is not None:
+            self.progress.close()
+        elapsed = time.perf_counter() - self.t_start
+        stats = {
+            "steps": step,
+            "images_per_s": self.steps_timed * self.images_per_step / elapsed if self.steps_timed else None,
+            "final_loss_ema": self.loss_avg,
+            "processes": processes,
+        }
+        if self.main:
+            self.cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            (self.cfg.checkpoint_dir / f"{self.cfg.model}-train-stats.json").write_text(json.dumps(stats, indent=2))
+        return stats
+
+
+def _export(task: Any, model: nn.Module, ema: EMA | None, output: Path) -> None:
+    """The task writes the trained model (its EMA weights when the run kept them) to `output`."""
+    export_model = model
+    if ema is not None:
+        export_model = copy.deepcopy(model)
+        ema.copy_to(export_model)
+    export_model.eval()
+    task.export(export_model, output)

@@ -7,7 +7,7 @@ little noise): the model then still ranks prompts sensibly on such estimates.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,3 +55,20 @@ class ClipTask:
 
     def export(self, model: nn.Module, output: Path) -> None:
         write_component(output, "clip", lambda tmp: model.save_pretrained(tmp))
+
+
+def build_clip_task(cfg: TrainConfig, *, device: torch.device, is_main: bool, barrier: Callable[[], None]) -> "ClipTask":
+    """The image-text model's task: a new model from cfg.model_config, or cfg.pretrained's clip/."""
+    from latentloom.file_io import read_json_object
+    from latentloom.text_encoders.image_text import ImageTextConfig
+    from latentloom.training.tasks import load_dataset, load_text_encoder
+
+    text_encoder = load_text_encoder(cfg.text_encoder, device=device, folder=cfg.pretrained)
+    if cfg.pretrained is not None:
+        model = ImageTextModel.from_pretrained(Path(cfg.pretrained) / "clip").train()
+    else:
+        values = read_json_object(cfg.model_config) if cfg.model_config else {}
+        values.setdefault("text_dim", text_encoder.hidden_size)
+        values.setdefault("resolution", cfg.resolution)
+        model = ImageTextModel(ImageTextConfig.from_dict(values))
+    return ClipTask(cfg, model=model, text_encoder=text_encoder, dataset=load_dataset(cfg))

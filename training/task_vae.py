@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -100,3 +100,18 @@ class VAETask:
             raise FloatingPointError(f"the trained VAE's latents have std {std}; cannot set a scaling factor")
         vae.register_to_config(scaling_factor=1.0 / std)
         write_component(output, "vae", lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
+
+
+def build_vae_task(cfg: TrainConfig, *, device: torch.device, is_main: bool, barrier: Callable[[], None]) -> "VAETask":
+    """The VAE task: a new VAE from cfg.model_config (TINY_VAE_CONFIG by default) or cfg.pretrained's."""
+    from latentloom.model_folder import find_vae_folder
+    from latentloom.training.tasks import load_dataset
+    from latentloom.vae.loading import load_vae
+
+    if cfg.pretrained is not None:
+        vae = load_vae(find_vae_folder(cfg.pretrained))
+    else:
+        vae = build_vae(cfg.model_config, resolution=cfg.resolution)
+    if cfg.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    return VAETask(cfg, vae=vae, dataset=load_dataset(cfg))
