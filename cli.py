@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from latentloom import __version__
 
-# Subcommands arrive with the issues that build them: "module:function" that takes the
-# argparse subparsers object, adds one parser and sets `func` (args -> exit code).
+# Each subcommand is "module:function": the function takes the argparse subparsers object, adds one
+# parser and sets `func` (args -> exit code); the module is imported only when the CLI is built.
 _SUBCOMMANDS: list[str] = [
     "latentloom.pipelines.cli_generate:register",
     "latentloom.pipelines.cli_edit:register_img2img",

@@ -1,9 +1,10 @@
 """The fast path chosen by default: dtype per device, channels_last, optional torch.compile.
 
-Measured on the development CPU (AVX-512 BF16, no AMX; `latentloom bench unet`): an
-SD-1.5-sized UNet runs ~1.7x faster in bf16 + channels_last than in fp32, and the bundled
-model's images in bf16 stay >= 35 dB PSNR from fp32 (tests/test_fast_defaults.py). CPUs
-without native bf16 emulate it slower than fp32, so they keep fp32.
+bf16 pays only where the CPU does it in hardware: with AMX a 4096^2 GEMM runs ~6x its fp32 speed,
+with AVX512-BF16 ~2x (an SD-1.5-sized UNet ~1.7x end to end with channels_last; `latentloom bench
+unet`), while AVX2-only CPUs emulate it ~5x slower than fp32 and keep fp32 (DESIGN.md, "Facts
+measured on these machines"). The bundled model's images in bf16 stay >= 35 dB PSNR from fp32
+(tests/test_fast_defaults.py).
 """
 from __future__ import annotations
 

@@ -29,3 +29,47 @@ def one_torch_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The tiny Stable Diffusion model most pipeline tests share, one per test module (so a module that
+# swaps the diffusers pipeline's scheduler or mutates latentloom's pipeline affects only itself).
+# A module defines a fixture of the same name to use another model (test_upscale's x2 upscaler).
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """(diffusers StableDiffusionPipeline from tests/builders.py, the folder it was saved to)."""
+    from builders import save_sd_folder, tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    return pipe, save_sd_folder(pipe, tmp_path_factory.mktemp("sd"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd):
+    """The diffusers pipeline to compare with, and its saved folder."""
+    return tiny_sd
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_sd):
+    """The saved diffusers folder of the tiny model."""
+    return tiny_sd[1]
+
+
+def _load(folder):
+    import torch
+
+    import latentloom
+
+    return latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)  # float32: exact parity
+
+
+@pytest.fixture(scope="module")
+def ours(reference):
+    """latentloom's pipeline on `reference`'s folder."""
+    return _load(reference[1])
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    """latentloom's pipeline on `folder`."""
+    return _load(folder)

@@ -10,21 +10,11 @@ import torch
 from PIL import Image
 
 import latentloom
-from builders import save_sd_folder, tiny_sd_pipeline
+from builders import save_sd_folder
 from latentloom.cli import main as cli_main
 
 CALL = dict(num_inference_steps=2, guidance_scale=4.0, height=16, width=16, progress=False, output_type="np")
 EDIT = dict(num_inference_steps=2, guidance_scale=4.0, progress=False, output_type="np")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_sd_folder(tiny_sd_pipeline(), tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    return latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
 
 
 def picture(seed=0, size=16):

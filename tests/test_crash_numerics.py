@@ -7,14 +7,8 @@ import pytest
 import torch
 
 import latentloom
-from builders import save_sd_folder, tiny_sd_pipeline
 
 CALL = dict(num_inference_steps=3, guidance_scale=4.0, height=16, width=16, progress=False, output_type="np")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_sd_folder(tiny_sd_pipeline(), tmp_path_factory.mktemp("sd"))
 
 
 @pytest.fixture(scope="module")

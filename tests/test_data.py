@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from latentloom.synthetic import shapes as ss
-from latentloom.training.data import CaptionedImageDataset, collate_images
+from latentloom.training.data import CaptionedImageDataset
 
 
 def write(folder, name, image, caption=None):
@@ -136,9 +136,6 @@ def test_unlisted_images_warn_when_metadata_exists(tmp_path):
 def test_dataloader_batches(tmp_path):
     ss.write_dataset(tmp_path, 6, seed=0)
     ds = CaptionedImageDataset(tmp_path, resolution=64, random_flip=True, seed=0)
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_images)))
-    assert batch["pixel_values"].shape == (4, 3, 64, 64)
-    assert batch["captions"] == [ds.captions[i] for i in range(4)]
     default = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
     assert default["pixel_values"].shape == (3, 3, 64, 64) and len(default["caption"]) == 3
 

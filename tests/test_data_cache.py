@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from latentloom.text_encoders.embedding import TextEmbedding
 from latentloom.synthetic import shapes as ss
-from latentloom.training.data import CaptionedImageDataset, LatentCache, collate_latents
+from latentloom.training.data import CaptionedImageDataset, LatentCache
+from latentloom.training.task_unet import UNetTask
 
 
 class Encoders:
@@ -150,25 +151,6 @@ def test_stale_or_corrupt_disk_cache_is_rebuilt_with_a_warning(folder, tmp_path)
                            encode_text=enc.text, path=path, key="a").complete
 
 
-def test_collate_pads_text_to_the_longest_caption(folder):
-    enc = Encoders()
-    cache = LatentCache(CaptionedImageDataset(folder, resolution=64), encode_image=enc.image, encode_text=enc.text)
-    items = [cache[i] for i in range(4)]
-    lengths = [len(it["caption"]) for it in items]
-    assert len(set(lengths)) > 1
-    batch = collate_latents(items)
-    assert batch["latents"].shape == (4, 3, 8, 8)
-    text = batch["text"]
-    assert isinstance(text, TextEmbedding) and text.hidden.shape == (4, max(lengths), 4)
-    assert text.mask.sum(1).tolist() == lengths
-    assert text.pooled.shape == (4, 4)
-    empty = cache.text(["", cache.dataset.captions[0]])
-    assert empty.mask[0].sum() == 0 and empty.mask[1].sum() == len(cache.dataset.captions[0])
-
-
-# ------------------------------------------------------------------ errors
-
-
 def test_random_crop_is_refused(folder):
     enc = Encoders()
     with pytest.raises(ValueError, match="needs crop='center' \\(got 'random'\\)"):
@@ -205,7 +187,7 @@ def test_save_without_path_and_bad_batch_size(folder):
 def test_unfilled_cache_refuses_dataloader_workers_and_filled_one_works(folder):
     enc = Encoders()
     cache = LatentCache(CaptionedImageDataset(folder, resolution=64), encode_image=enc.image, encode_text=enc.text)
-    loader = torch.utils.data.DataLoader(cache, batch_size=5, num_workers=1, collate_fn=collate_latents)
+    loader = torch.utils.data.DataLoader(cache, batch_size=5, num_workers=1, collate_fn=UNetTask.collate)
     with pytest.raises(RuntimeError, match="call cache.fill\\(\\) before iterating with num_workers > 0"):
         next(iter(loader))
     cache.fill()

@@ -10,21 +10,10 @@ import torch
 from PIL import Image
 
 import latentloom
-from builders import save_sd_folder, tiny_sd_pipeline
 from latentloom.cli import main as cli_main
 from latentloom.samplers import SAMPLERS
 
 CALL = dict(num_inference_steps=3, guidance_scale=4.0, height=16, width=16, progress=False)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_sd_folder(tiny_sd_pipeline(), tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    return latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
 
 
 def _pixels(path):

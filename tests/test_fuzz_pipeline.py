@@ -3,24 +3,15 @@ returns valid images, or raises a documented ValueError / TypeError before makin
 import math
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import latentloom
-from builders import save_sd_folder, tiny_sd_pipeline
 from latentloom.samplers import SAMPLERS
 
 PROPERTY = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 MISSING = object()  # leave the argument out
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return latentloom.load_pipeline(save_sd_folder(tiny_sd_pipeline(), tmp_path_factory.mktemp("sd")), device="cpu",
-                                    dtype=torch.float32)
 
 
 # name: (valid values, invalid values); MISSING leaves the argument out

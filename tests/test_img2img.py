@@ -11,17 +11,6 @@ from latentloom.cli import main as cli_main
 from latentloom.pipelines.metadata import read_metadata
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    pipe = tiny_sd_pipeline()
-    return pipe, save_sd_folder(pipe, tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="module")
-def ours(reference):
-    return latentloom.load_pipeline(reference[1], device="cpu", dtype=torch.float32)
-
-
 def picture(h=32, w=32, seed=0):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 

@@ -3,22 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-import latentloom
-from builders import save_sd_folder, tiny_sd_pipeline, use_scheduler
+from builders import use_scheduler
 
 SAMPLERS = ["ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    pipe = tiny_sd_pipeline()
-    folder = save_sd_folder(pipe, tmp_path_factory.mktemp("sd"))
-    return pipe, folder
-
-
-@pytest.fixture(scope="module")
-def ours(reference):
-    return latentloom.load_pipeline(reference[1], device="cpu", dtype=torch.float32)
 
 
 def diffusers_images(pipe, sampler, **kwargs):

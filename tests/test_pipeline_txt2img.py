@@ -7,18 +7,7 @@ import torch
 from PIL import Image
 
 import latentloom
-from builders import save_sd_folder, tiny_sd_pipeline
 from latentloom.cli import main as cli_main
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_sd_folder(tiny_sd_pipeline(), tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    return latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
 
 
 def make(pipe, prompt="a red circle", **kwargs):

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from latentloom.text_encoders import CLIPEncoder, TextEmbedding
+from latentloom.text_encoders import CLIPEncoder
 
 # Tiny CLIP text model and tokenizer, from configs and the vocabulary in tests/data (no hub).
 DATA = Path(__file__).resolve().parent / "data"
@@ -197,24 +197,6 @@ def test_batch_is_padded_with_empty_prompt_windows(model, tokenizer):
     assert torch.equal(emb.hidden[0, 77:154], empty) and torch.equal(emb.hidden[0, 154:], empty)
     assert emb.mask[0, 77:].eq(0).all()
     torch.testing.assert_close(emb.hidden[0, :77], encoder.encode(["a cat"]).hidden[0], rtol=0, atol=1e-6)
-
-
-def test_pad_to_length_appends_empty_windows(model, tokenizer):
-    encoder = CLIPEncoder(model, tokenizer)
-    emb = encoder.encode(["a cat"])
-    empty = encoder.encode([""]).hidden[0]
-    padded = encoder.pad_to_length(emb, 231)
-    assert padded.hidden.shape == (1, 231, 32) and padded.mask.shape == (1, 231)
-    assert torch.equal(padded.hidden[0, :77], emb.hidden[0])
-    assert torch.equal(padded.hidden[0, 77:154], empty) and torch.equal(padded.hidden[0, 154:], empty)
-    assert padded.mask[0, 77:].eq(0).all()
-    # the filler travels with the embedding, so pad_to alone does the same
-    assert torch.equal(emb.pad_to(231).hidden, padded.hidden)
-    # an embedding that lost its filler still pads with the encoder's
-    bare = TextEmbedding(emb.hidden, emb.mask)
-    assert torch.equal(encoder.pad_to_length(bare, 154).hidden[0, 77:], empty)
-    with pytest.raises(ValueError, match="already has 231 positions"):
-        encoder.pad_to_length(padded, 77)
 
 
 def test_encode_pair_pads_cond_and_uncond_to_the_same_length(model, tokenizer):

@@ -17,11 +17,6 @@ def reference(tmp_path_factory):
     return pipe, save_sd_folder(pipe, tmp_path_factory.mktemp("up"))
 
 
-@pytest.fixture(scope="module")
-def ours(reference):
-    return latentloom.load_pipeline(reference[1], device="cpu", dtype=torch.float32)
-
-
 def picture(h=8, w=8, seed=0):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 

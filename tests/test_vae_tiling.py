@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import latentloom
-from builders import save_sd_folder, tiny_sd_pipeline, tiny_vae
+from builders import tiny_vae
 from latentloom.cli import main as cli_main
 from latentloom.vae import codec as vae_glue
 from latentloom.vae.codec import auto_tiling, decode_latents, encode_images, untiled_decode_bytes
@@ -140,16 +139,6 @@ def test_tiling_errors():
 
 
 # ---------------------------------------------------------------- the call argument and the CLI
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_sd_folder(tiny_sd_pipeline(), tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    return latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
-
-
 def spy_tiled_decodes(monkeypatch, vae) -> list:
     calls = []
     original = vae.tiled_decode

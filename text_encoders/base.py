@@ -235,16 +235,6 @@ class FrozenTextEncoder:
         )
         return cond, uncond
 
-    def pad_to_length(self, emb: TextEmbedding, length: int) -> TextEmbedding:
-        """Pad `emb` to `length` positions with this encoder's padding encoding, mask 0."""
-        if emb.filler is None and self._filler() is not None:
-            emb = TextEmbedding(emb.hidden, emb.mask, emb.pooled, self._filler())
-        return emb.pad_to(length)
-
-    def pad_to_same_length(self, *embeddings: TextEmbedding) -> list[TextEmbedding]:
-        length = max(e.length for e in embeddings)
-        return [self.pad_to_length(e, length) for e in embeddings]
-
     # ---- the machinery -----------------------------------------------------------------------
     @property
     def content_length(self) -> int:

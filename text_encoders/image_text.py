@@ -62,7 +62,6 @@ class ImageTextModel(nn.Module):
         self.image_proj = nn.Linear(prev, config.embed_dim)
         self.text_proj = nn.Linear(config.text_dim, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.__dict__["text_encoder"] = None  # set by from_pretrained(text_encoder=...)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, E) unit vectors. Differentiable (CLIP guidance)."""
@@ -101,17 +100,9 @@ class ImageTextModel(nn.Module):
         (folder / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2, sort_keys=True))
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """(B, E) unit vectors of prompts, through the text encoder given to from_pretrained."""
-        if self.text_encoder is None:
-            raise ValueError("this ImageTextModel has no text encoder: pass text_encoder= to from_pretrained, "
-                             "or call encode_text(text_encoder.encode(prompts))")
-        weight = self.text_proj.weight
-        return self.encode_text(self.text_encoder.encode(list(prompts)).to(device=weight.device))
-
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, text_encoder: Any = None) -> "ImageTextModel":
-        """text_encoder: the frozen encoder the text side reads (kept for encode_prompts, not saved)."""
+        """text_encoder: the frozen encoder the text side will read, checked to fit it (not kept)."""
         from latentloom.weight_files import load_safetensors
 
         folder = Path(folder)
@@ -128,5 +119,4 @@ class ImageTextModel(nn.Module):
             if size is not None and size != model.config.text_dim:
                 raise ValueError(f"{folder} was trained on text vectors of size {model.config.text_dim}; "
                                  f"the given text encoder gives {size}")
-            model.__dict__["text_encoder"] = text_encoder  # a plain attribute: never part of state_dict
         return model.eval()

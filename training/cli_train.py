@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = {k: v for k, v in vars(args).items() if k in _DEFAULTS or k == "extra"}
+    values = {k: v for k, v in vars(args).items() if k in _DEFAULTS}
     return TrainConfig(**values)
 
 

@@ -7,8 +7,7 @@ config, ImageTextConfig) and is passed as a JSON file with ``--config``.
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +88,6 @@ class TrainConfig:
     num_workers: int = 0
     threads: int | None = None  # torch CPU threads per process (None: torch's default)
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         choices = {
@@ -145,9 +143,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":

@@ -226,11 +226,6 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         return h.hexdigest()
 
 
-def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch items of `CaptionedImageDataset`: pixel_values (B, 3, R, R), captions list[str]."""
-    return {"pixel_values": torch.stack([it["pixel_values"] for it in items]), "captions": [it["caption"] for it in items]}
-
-
 def _pad_text(items: Sequence[dict[str, Any]]) -> TextEmbedding:
     """Stack per-item (L_i, D) embeddings, padding to the longest L with mask 0."""
     length = max(it["hidden"].shape[0] for it in items)
@@ -243,15 +238,6 @@ def _pad_text(items: Sequence[dict[str, Any]]) -> TextEmbedding:
     if all(it.get("pooled") is not None for it in items):
         pooled = torch.stack([it["pooled"] for it in items])  # (B, D')
     return TextEmbedding(hidden, mask, pooled)
-
-
-def collate_latents(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch items of `LatentCache`: latents (B, C, h, w), text TextEmbedding, captions list[str]."""
-    return {
-        "latents": torch.stack([it["latents"] for it in items]),
-        "text": _pad_text(items),
-        "captions": [it["caption"] for it in items],
-    }
 
 
 class LatentCache(torch.utils.data.Dataset):
@@ -269,7 +255,7 @@ class LatentCache(torch.utils.data.Dataset):
         encoders is not reused.
 
     Items: ``{"latents": (C, h, w), "hidden": (L, D), "mask": (L,), "pooled": (D',) or None,
-    "caption": str}``, on the CPU; batch them with `collate_latents`. Items are encoded on
+    "caption": str}``, on the CPU (`UNetTask.collate` batches them). Items are encoded on
     first use, or all at once, in batches, by `fill()`; with DataLoader workers, call
     `fill()` first (a worker's copy of the cache would be lost with the worker).
     """

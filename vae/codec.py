@@ -22,20 +22,13 @@ def _shift(vae) -> float:
     return float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
-# Automatic tiling (tiling=None). diffusers' tiled decode runs the decoder on overlapping tiles of
-# `tile_latent_min_size` latents (64 for SD's VAE, 512 px) and blends them, so its peak memory is
-# about one tile's decode whatever the image size, while an untiled decode grows with the area.
-# Measured on an SD-1.5-sized VAE, fp32, one thread, peak RSS growth of one decode
-# (`python -m latentloom.benchmarking.memory_bench --threads 1 --parts vae`): 512 px 1.10 GB;
-# 1024 px 4.05 GB untiled, 1.06 GB tiled (one tile's decode) but 1.5x the time (207 -> 315 s:
-# the overlaps are decoded twice). Tiling costs seams and time, so it is worth it from a side of 2
-# tiles (>= 4x the tile's area: 1024 px on SD), and only when the untiled decode would be large
-# in bytes: the bundled VAE (16 channels at full resolution) needs ~0.5 GB even at 1024 px and
-# never tiles, so its images stay the untiled ones.
+# Automatic tiling (tiling=None): a tiled decode's peak memory is about one tile's whatever the image
+# size, but it costs seams and time (overlaps are decoded twice), so it is chosen only from a side of
+# 2 tiles and when the untiled decode would be large in bytes (the measurements behind both numbers:
+# README, "Performance", VAE tiling).
 AUTO_TILE_SIDES = 2.0  # latent side / tile side from which tiling is considered
 AUTO_TILE_BYTES = 1 << 30  # estimated untiled decode activations from which it is chosen
-# Peak decode activations per (batch x full-resolution channel x pixel x byte): 1.10 GB measured for
-# SD's VAE at 512 px fp32 = 1 * 128 * 512 * 512 * 4 bytes * ~8 (4.05 GB at 1024 px: ~7.5).
+# Peak decode activations per (batch x full-resolution channel x pixel x byte), as measured on SD's VAE
 _ACTIVATIONS_PER_ELEMENT = 8
 
 
