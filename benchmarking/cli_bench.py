@@ -75,7 +75,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from latentloom.benchmarking.measure import write_json
+    from latentloom.benchmarking.measure import report
 
     if args.threads < 0:
         args.bench_parser.error(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
@@ -100,10 +100,7 @@ def _run(args: argparse.Namespace) -> int:
         tables = module.run(args)
     finally:  # an in-process caller (a test, a notebook) gets its thread count back
         torch.set_num_threads(threads)
-    for table in tables:
-        table.notes.append(f"command: `{command}`")
-        print(table.to_markdown(), flush=True)
+    report(tables, command=command, json_path=args.json)
     if args.json is not None:
-        write_json(tables, args.json, command=command)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

@@ -156,6 +156,15 @@ def format_cell(value: Any) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
 
 
+def report(tables: Sequence[Table], *, command: str, json_path: str | os.PathLike | None) -> None:
+    """Print each table as markdown with the command that made it, and write them as JSON if asked."""
+    for table in tables:
+        table.notes.append(f"command: `{command}`")
+        print(table.to_markdown(), flush=True)
+    if json_path is not None:
+        write_json(tables, json_path, command=command)
+
+
 def write_json(tables: Sequence[Table], path: str | os.PathLike, *, command: str) -> None:
     """Write the tables and the command that made them; a temporary name, then a rename."""
     from latentloom.file_io import write_json_atomic

@@ -242,13 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     command = f"python -m latentloom.benchmarking.startup_bench {' '.join(argv)}".rstrip()
     tables = run(args)
-    for table in tables:
-        table.notes.append(f"command: `{command}`")
-        print(table.to_markdown(), flush=True)
-    if args.json is not None:
-        from latentloom.benchmarking.measure import write_json
+    from latentloom.benchmarking.measure import report
 
-        write_json(tables, args.json, command=command)
+    report(tables, command=command, json_path=args.json)
     return 0
 
 

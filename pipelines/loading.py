@@ -13,6 +13,7 @@ import torch
 from latentloom.pipelines.defaults import CallDefaults, resolve_device, resolve_dtype
 from latentloom.pipelines.pipeline import Pipeline, UpscalerSettings
 from latentloom.file_io import read_json_object
+from latentloom.model_folder import FORMAT, INDEX_NAME, read_model_index
 from latentloom.samplers.schedules import ScheduleConfig
 from latentloom.vae.loading import load_vae
 from latentloom.weights import bundled_model_dir, bundled_name
@@ -58,7 +59,7 @@ def load_pipeline(
     bundled = bundled_name(path)
     if bundled is not None:
         folder = bundled_model_dir(bundled)
-        if not (folder / "model_index.json").is_file():
+        if not (folder / INDEX_NAME).is_file():
             raise FileNotFoundError(
                 f"the bundled {bundled} model is not in this install yet (expected "
                 f"{folder}/model_index.json); pass a model path, e.g. a Stable Diffusion folder"
@@ -87,12 +88,11 @@ def load_pipeline(
 
 
 def load_folder(folder: Path) -> Pipeline:
-    index_path = folder / "model_index.json"
-    if not index_path.is_file():
+    if not (folder / INDEX_NAME).is_file():
         hint = " (this looks like a UNet folder; pass the pipeline folder above it)" if (folder / "config.json").is_file() else ""
         raise FileNotFoundError(f"{folder} has no model_index.json, so it is not a model folder{hint}")
-    index = read_json_object(index_path)
-    if index.get("format") == "latentloom":
+    index = read_model_index(folder)
+    if index.get("format") == FORMAT:
         return load_latentloom_folder(folder, name=str(folder))
     return load_diffusers_folder(folder, index)
 
@@ -130,7 +130,7 @@ def load_latentloom_folder(folder: Path, *, name: str) -> Pipeline:
     """A folder written by `latentloom train` (the bundled model is one)."""
     from latentloom.unet import UNet
 
-    index = read_json_object(folder / "model_index.json")
+    index = read_model_index(folder)
     for part in ("unet", "vae", "scheduler"):
         if not (folder / part).is_dir():
             raise FileNotFoundError(f"{folder} is missing its {part}/ folder")
@@ -176,7 +176,7 @@ def _upscaler_settings(folder: Path, index: dict[str, Any]) -> UpscalerSettings 
     return UpscalerSettings(
         low_res_schedule=DiscreteSchedule.from_config(low_res_config),
         max_noise_level=int(index.get("max_noise_level", 350)),
-        residual=check_residual(index.get("residual"), folder / "model_index.json"),
+        residual=check_residual(index.get("residual"), folder / INDEX_NAME),
     )
 
 

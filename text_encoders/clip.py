@@ -21,7 +21,6 @@ of the prompt's first window (text_embeds for CLIPTextModelWithProjection), unwe
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from latentloom.text_encoders.base import FrozenTextEncoder, quiet_loading
@@ -152,13 +151,9 @@ class CLIPEncoder(FrozenTextEncoder):
 
         for path in sorted(model_dir.glob("*.safetensors")):
             check_safetensors(path)
-        config_path = model_dir / "config.json"
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{config_path} is not valid JSON: {err}") from err
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+        from latentloom.file_io import read_json_object
+
+        config = read_json_object(model_dir / "config.json")
         with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or [])
         model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
         # float32 unless asked: transformers would follow a published "torch_dtype": "float16" (SD 2.x),

@@ -214,13 +214,11 @@ class UNetTask:
                 shutil.copytree(self.vae_source, tmp / "vae")
             elif self.vae is not None:  # a PixelShuffleVAE: written from its config, it has no weights
                 self.vae.save_pretrained(tmp / "vae")
-            write_json_atomic(tmp / "model_index.json", {
-                "format": "latentloom", "version": 1, "kind": "upscaler",
-                "text_encoder": {"kind": cfg.text_encoder},
-                "resolution": cfg.resolution, "low_resolution": cfg.low_resolution,
-                "space": "latent" if self.vae is not None and not is_pixel_shuffle(self.vae) else "pixel",
-                "max_noise_level": cfg.max_noise_level,
+            update_model_index(
+                tmp, kind="upscaler", text_encoder={"kind": cfg.text_encoder}, resolution=cfg.resolution,
+                low_resolution=cfg.low_resolution, max_noise_level=cfg.max_noise_level,
+                space="latent" if self.vae is not None and not is_pixel_shuffle(self.vae) else "pixel",
                 **({"residual": RESIDUAL_BASES[0]} if cfg.residual else {}),
-            })
+            )
 
         write_component(output, "upscaler", write)

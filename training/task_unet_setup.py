@@ -12,7 +12,9 @@ from typing import Any, Callable
 import torch
 
 from latentloom.file_io import read_json_object
-from latentloom.model_folder import find_vae_folder, is_latentloom_folder, read_model_index, read_scheduler_config
+from latentloom.model_folder import (
+    INDEX_NAME, find_vae_folder, is_latentloom_folder, read_model_index, read_scheduler_config,
+)
 from latentloom.training.config import PIXEL_SHUFFLE, TrainConfig
 from latentloom.training.objective import train_alphas_cumprod
 from latentloom.training.tasks import load_dataset, load_text_encoder
@@ -94,23 +96,29 @@ def build_unet_task(cfg: TrainConfig, *, device: torch.device, is_main: bool, ba
             context_dim=text_encoder.hidden_size, upscaler=upscaler,
         )
         unet = UNet(config)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    alphas_cumprod = train_alphas_cumprod(
-        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end, rescale_zero_terminal_snr=cfg.rescale_zero_terminal_snr,
-    )
     dataset = load_dataset(cfg)
     if cfg.cache_latents:
         dataset = build_latent_cache(cfg, dataset, vae=vae, vae_source=vae_source, text_encoder=text_encoder,
                                      device=device, is_main=is_main, barrier=barrier)
+    alphas_cumprod = _prepare_unet(cfg, unet)
+    return UNetTask(cfg, unet=unet, text_encoder=text_encoder, dataset=dataset, alphas_cumprod=alphas_cumprod,
+                    vae=vae, vae_source=vae_source, copy_from=copy_from, upscaler=upscaler,
+                    use_context_mask=use_context_mask)
+
+
+def _prepare_unet(cfg: TrainConfig, unet: Any) -> torch.Tensor:
+    """Gradient checkpointing and LoRA adapters as the run asks; returns the training schedule's
+    cumulative alphas (T,)."""
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     if cfg.lora_rank:
         from latentloom.training.lora import add_lora
 
         add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-    return UNetTask(cfg, unet=unet, text_encoder=text_encoder, dataset=dataset, alphas_cumprod=alphas_cumprod,
-                    vae=vae, vae_source=vae_source, copy_from=copy_from, upscaler=upscaler,
-                    use_context_mask=use_context_mask)
+    return train_alphas_cumprod(
+        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end, rescale_zero_terminal_snr=cfg.rescale_zero_terminal_snr,
+    )
 
 
 def _unet_config(cfg: TrainConfig, *, in_channels: int, out_channels: int, context_dim: int, upscaler: bool):
@@ -182,8 +190,7 @@ def upscaler_folder(pretrained: str | Path) -> Path:
     """The upscaler to fine-tune: a model folder's upscaler/ stage, or an upscaler folder itself
     (what `latentloom train --model upscaler` writes to OUT/upscaler)."""
     for folder in (Path(pretrained) / "upscaler", Path(pretrained)):
-        index = folder / "model_index.json"
-        if index.is_file() and read_json_object(index).get("kind") == "upscaler":
+        if (folder / INDEX_NAME).is_file() and read_model_index(folder).get("kind") == "upscaler":
             return folder
     raise ValueError(f"pretrained={str(pretrained)!r} holds no upscaler: pass a model folder with an upscaler/ "
                      "stage, or an upscaler folder (its model_index.json says \"kind\": \"upscaler\")")
@@ -220,20 +227,10 @@ def _foreign_unet_task(cfg: TrainConfig, *, device: torch.device, is_main: bool,
     text_encoder.cache_size = 1 << 16
     vae = pipe.vae.to(device).eval().requires_grad_(False)
     unet = pipe.unet
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    alphas_cumprod = train_alphas_cumprod(
-        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end, rescale_zero_terminal_snr=cfg.rescale_zero_terminal_snr,
-    )
     dataset = load_dataset(cfg)
     if cfg.cache_latents:
         raise ValueError("cache_latents is supported for latentloom model folders only; fine-tune without it")
-    if cfg.lora_rank:
-        from latentloom.training.lora import add_lora
-
-        add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-
+    alphas_cumprod = _prepare_unet(cfg, unet)
 
     return UNetTask(cfg, unet=unet, text_encoder=text_encoder, dataset=dataset, alphas_cumprod=alphas_cumprod,
                     vae=vae, use_context_mask=pipe.use_context_mask,
