@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 BUNDLED = "bundled:default"
+DEFAULT_OUTPUT = "latentloom.png"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, default: str = BUNDLED) -> None:
@@ -45,8 +46,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-images", type=int, default=1, dest="num_images_per_prompt")
     group.add_argument("--clip-guidance", type=float, default=None, dest="clip_guidance_scale",
                        help="CLIP guidance scale (needs a model with an image-text model; default: 0)")
-    group.add_argument("--output", "-o", default="latentloom.png",
-                       help="PNG path; several images become NAME-0.png, NAME-1.png, ...")
+    group.add_argument("--output", "-o", default=None,
+                       help=f"PNG path; several images become NAME-0.png, NAME-1.png, ... (default: {DEFAULT_OUTPUT})")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -71,12 +72,18 @@ def check_output(path: str) -> None:
 
 
 def load(args: argparse.Namespace):
+    """The model for a command that writes args.output (checked first: a typo must not cost a generation)."""
+    if args.output is None:
+        args.output = DEFAULT_OUTPUT
+    check_output(args.output)
+    return load_model(args)
+
+
+def load_model(args: argparse.Namespace, *, device: Any = None):
     from latentloom.pipelines.loading import load_pipeline
 
-    check_output(args.output)
-
     model = args.model if args.model is not None else getattr(args, "default_model", BUNDLED)
-    return load_pipeline(model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+    return load_pipeline(model, device=args.device or device, dtype=args.dtype, tokenizer=args.tokenizer,
                          compile=getattr(args, "compile", False))
 
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+from pathlib import Path
+
 from latentloom.pipelines.cli_common import (
-    SAMPLING_NAMES, add_model_arguments, add_sampling_arguments, call_kwargs, fail, load, report_saved,
+    SAMPLING_NAMES, add_model_arguments, add_sampling_arguments, call_kwargs, fail, load, load_model, report_saved,
 )
 
 # --vae-tiling choice -> the pipeline's vae_tiling argument
@@ -19,12 +21,25 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate", help="make images from a prompt",
         description="Make images from a prompt, offline on the bundled model by default. Every PNG carries "
-                    "its recipe; `--from IMAGE.png` makes the same image again.",
+                    "its recipe; `--from IMAGE.png` makes the same image again. `--prompts FILE --output-dir DIR` "
+                    "makes one image per prompt of a file (resumable; split across processes under "
+                    "`accelerate launch --num_processes N -m latentloom generate ...`).",
     )
     parser.add_argument("prompt", nargs="*", default=[],
                         help="what to draw; several prompts make one image each (NAME-0.png, NAME-1.png, ...)")
     parser.add_argument("--from", dest="from_image", default=None, metavar="IMAGE.png",
                         help="re-create an image from the recipe in its PNG metadata")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="a file of prompts: plain text, one per line (blank lines and # comments skipped), or "
+                             ".jsonl with \"prompt\" and per-line negative_prompt, seed, num_inference_steps, "
+                             "guidance_scale, height, width, sampler; needs --output-dir")
+    parser.add_argument("--output-dir", default=None, metavar="DIR",
+                        help="with --prompts: DIR/000042.png is the image of prompt 42 (000042-1.png its second "
+                             "with --num-images 2); a rerun skips the images already there")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --prompts: make every image again, even where DIR holds it (or holds one "
+                             "made with other options)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--vae-tiling", choices=sorted(VAE_TILING), default="auto",
@@ -37,6 +52,16 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            return fail(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.prompts is not None or args.output_dir is not None:
+        return run_prompts_file(args)
+    if args.overwrite:
+        return fail("--overwrite goes with --prompts FILE --output-dir DIR")
     kwargs = call_kwargs(args, SAMPLING_NAMES + ("height", "width"))
     tiling = VAE_TILING[getattr(args, "vae_tiling", "auto")]
     legacy_schedule = False
@@ -80,5 +105,53 @@ def run(args: argparse.Namespace) -> int:
         out = pipe(**kwargs, progress=not args.no_progress)
         report_saved(out.save(args.output))
     except (ValueError, TypeError, OSError) as err:  # OSError: a full disk, an output path that is a folder
+        return fail(str(err))
+    return 0
+
+
+def run_prompts_file(args: argparse.Namespace) -> int:
+    """--prompts FILE --output-dir DIR: the batch run of `pipelines.batch`, checked whole before any image."""
+    if args.prompts is None or args.output_dir is None:
+        return fail("--prompts FILE and --output-dir DIR go together")
+    if args.prompt or args.from_image is not None:
+        return fail("--prompts takes its prompts from the file: give no PROMPT and no --from")
+    if args.output is not None:
+        return fail("--output names one image; with --prompts the images go to --output-dir")
+    if args.num_images_per_prompt < 1:
+        return fail(f"--num-images must be >= 1, got {args.num_images_per_prompt}")
+    from latentloom.pipelines import batch
+    from latentloom.pipelines.prompts_file import read_prompts
+    from latentloom.samplers import SAMPLERS
+
+    out = Path(args.output_dir)
+    try:
+        entries = read_prompts(args.prompts)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--output-dir {str(out)!r} is a file, not a folder")
+        names = [e.overrides.get("sampler", args.sampler) for e in entries]
+        unknown = [(e, n) for e, n in zip(entries, names) if n is not None and n not in SAMPLERS]
+        if unknown:
+            entry, name = unknown[0]
+            raise ValueError(f"{args.prompts}, line {entry.line}: unknown sampler {name!r}; expected one of "
+                             f"{sorted(SAMPLERS)}")
+        state = batch.process_state()
+        if state.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            batch.remove_stale_temporaries(out)
+        state.wait_for_everyone()
+        seed = batch.run_seed(out, args.seed, state)
+        options = call_kwargs(args, SAMPLING_NAMES + ("height", "width"))
+        options = {k: v for k, v in options.items() if k not in ("seed", "num_images_per_prompt")}
+        tiling = VAE_TILING[getattr(args, "vae_tiling", "auto")]
+        if tiling is not None:
+            options["vae_tiling"] = tiling
+        jobs = batch.plan(entries, seed=seed, per_prompt=args.num_images_per_prompt, options=options)
+        pipe = load_model(args, device=getattr(state, "device", None))
+        if state.is_main_process:
+            batch.write_run_file(out, {"seed": seed, "prompts": str(args.prompts), "num_images": args.num_images_per_prompt,
+                                        "options": options, "model": pipe.name, "model_hash": pipe.model_hash()})
+        batch.generate_batch(pipe, jobs, out, state=state, progress=not args.no_progress, options=options,
+                             overwrite=args.overwrite)
+    except (ValueError, TypeError, OSError) as err:
         return fail(str(err))
     return 0
