@@ -201,13 +201,23 @@ def test_published_unet_folder_gives_diffusers_output(name, tmp_path):
         assert_close(ours(x, t, context), ref(x, t, context).sample)
 
 
-def test_sdxl_unet_is_refused_with_a_clear_error(tmp_path):
-    # latentloom's UNet has no SDXL (text_time) conditioning yet: the published file says so plainly
-    with pytest.raises(ValueError, match="addition_embed_type.*text_time"):
-        UNetConfig.from_diffusers_config(published(SDXL_UNET))
-    save_unet_folder(shrink_unet(published(SDXL_UNET)), tmp_path)
-    with pytest.raises(ValueError, match=r"config\.json: diffusers UNet features latentloom does not support"):
-        UNet.from_diffusers(tmp_path)
+def test_published_sdxl_unet_folder_gives_diffusers_output(tmp_path):
+    """SDXL base's published config (sizes shrunk, keys kept): the vector conditioning y is read from
+    addition_embed_type "text_time" and equals diffusers' added_cond_kwargs path."""
+    d = shrink_unet(published(SDXL_UNET))
+    save_unet_folder(d, tmp_path)
+    ours = UNet.from_diffusers(tmp_path)
+    ref = UNet2DConditionModel.from_pretrained(tmp_path).eval()
+    assert ours.config.adm_in_channels == d["projection_class_embeddings_input_dim"]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, d["in_channels"], 8, 8, generator=g)
+    t = torch.tensor([7.5, 640.0])
+    context = torch.randn(2, 7, 32, generator=g)
+    pooled = torch.randn(2, 32, generator=g)
+    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0], [768.0, 512.0, 8.0, 0.0, 1024.0, 896.0]])
+    with torch.no_grad():
+        expected = ref(x, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        assert_close(ours(x, t, context, y=ours.vector_conditioning(pooled, time_ids)), expected)
 
 
 # ---------------------------------------------------------------------- a folder shaped like SD 2.1 base

@@ -16,6 +16,7 @@ from latentloom.file_io import write_bytes_atomic
 
 _PER_LEVEL_INT = ("layers_per_level", "transformer_depth")
 _PER_LEVEL_BOOL = ("attention_levels", "only_cross_attention")
+_ADDED_LATER = ("adm_in_channels", "addition_time_embed_dim")
 
 
 @dataclass
@@ -39,6 +40,10 @@ class UNetConfig:
     norm_groups: int = 32
     norm_eps: float = 1e-5
     num_class_embeds: int | None = None  # x4 upscaler noise-level embedding (class_labels)
+    # Vector conditioning `y` (SDXL: pooled text + sinusoidal embeddings of its size / crop numbers,
+    # sgm's "adm"), added to the timestep embedding through an MLP; None: no such input.
+    adm_in_channels: int | None = None  # diffusers' projection_class_embeddings_input_dim (SDXL: 2816)
+    addition_time_embed_dim: int | None = None  # width of each number's embedding inside y (SDXL: 256)
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     dropout: float = 0.0
@@ -87,6 +92,12 @@ class UNetConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_class_embeds is not None:
             _check_int("num_class_embeds", self.num_class_embeds, minimum=1)
+        if (self.adm_in_channels is None) != (self.addition_time_embed_dim is None):
+            raise ValueError(f"adm_in_channels and addition_time_embed_dim go together, got "
+                             f"{self.adm_in_channels!r} and {self.addition_time_embed_dim!r}")
+        if self.adm_in_channels is not None:
+            _check_int("adm_in_channels", self.adm_in_channels, minimum=1)
+            _check_int("addition_time_embed_dim", self.addition_time_embed_dim, minimum=1)
 
     # ------------------------------------------------------------------ derived shapes
     @property
@@ -126,6 +137,15 @@ class UNetConfig:
         return cls(**{**base, **overrides})
 
     @classmethod
+    def sdxl(cls, **overrides: Any) -> UNetConfig:
+        """Stable Diffusion XL base: 3 levels, transformer depth 1 / 2 / 10, CLIP-L + OpenCLIP-bigG
+        context (2048), y = pooled text (1280) + 6 size / crop numbers x 256."""
+        base = dict(channels=[320, 640, 1280], attention_levels=[False, True, True], num_heads=None,
+                    head_dim=64, transformer_depth=[1, 2, 10], context_dim=2048, use_linear_projection=True,
+                    adm_in_channels=2816, addition_time_embed_dim=256)
+        return cls(**{**base, **overrides})
+
+    @classmethod
     def tiny(cls, **overrides: Any) -> UNetConfig:
         """Two levels, 16/32 channels: for tests and the bundled toy model."""
         base = dict(channels=[16, 32], layers_per_level=1, attention_levels=[True, True],
@@ -142,7 +162,8 @@ class UNetConfig:
             raise TypeError(f"UNetConfig.from_dict expects a dict, got {type(d).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(names))
-        missing = [n for n in names if n not in d]
+        # fields added after configs were first saved may be absent (their default applies)
+        missing = [n for n in names if n not in d and n not in _ADDED_LATER]
         if unknown:
             raise ValueError(f"unknown UNetConfig fields {unknown}; accepted: {names}")
         if missing:

@@ -105,6 +105,9 @@ def _ldm_prefix_table(cfg: UNetConfig) -> list[tuple[str, str, bool]]:
     """(LDM prefix, diffusers prefix, is ResBlock) for every module of ``cfg``."""
     t = [("time_embed.0.", "time_embedding.linear_1.", False),
          ("time_embed.2.", "time_embedding.linear_2.", False),
+         # SDXL's vector conditioning MLP (sgm: label_emb = Sequential(Sequential(Linear, SiLU, Linear)))
+         ("label_emb.0.0.", "add_embedding.linear_1.", False),
+         ("label_emb.0.2.", "add_embedding.linear_2.", False),
          ("label_emb.", "class_embedding.", False),
          ("input_blocks.0.0.", "conv_in.", False),
          ("out.0.", "conv_norm_out.", False),
@@ -159,9 +162,11 @@ def infer_config_from_ldm_state_dict(sd: Mapping[str, torch.Tensor]) -> UNetConf
     """Read the architecture off the tensor shapes of an LDM UNet state dict.
 
     Shapes fix channels, levels, layers, attention, depth, context width, projection kind,
-    in/out channels and the class embedding. Heads are not in the shapes: we follow the
-    released models (context 768: 8 heads, SD 1.x; context 1024: head dim 64, SD 2.x;
-    with a noise-level embedding: 8 heads, the x4 upscaler). Pass ``config=`` otherwise.
+    in/out channels, the class embedding and SDXL's vector conditioning. Heads are not in the
+    shapes: we follow the released models (context 768: 8 heads, SD 1.x; context 1024: head
+    dim 64, SD 2.x; with a noise-level embedding: 8 heads, the x4 upscaler; with a vector
+    conditioning: head dim 64 and numbers embedded 256 wide, SDXL base and refiner). Pass
+    ``config=`` otherwise.
     """
     sd = strip_ldm_prefix(sd)
     if "input_blocks.0.0.weight" not in sd or "out.2.weight" not in sd:
@@ -203,11 +208,13 @@ def infer_config_from_ldm_state_dict(sd: Mapping[str, torch.Tensor]) -> UNetConf
         context_dim = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
         linear = sd["middle_block.1.proj_in.weight"].ndim == 2
     mid_depth = _count_blocks(sd, "middle_block.1.transformer_blocks.")
-    depth = [d if d is not None else mid_depth for d in depth]
+    # a level without attention builds no transformer; the last level's depth is the middle block's
+    depth = [d if d is not None else (mid_depth if i == len(depth) - 1 else 1) for i, d in enumerate(depth)]
     num_class = sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None
-    if num_class is not None or context_dim != 1024:
+    adm = sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else None
+    if adm is None and (num_class is not None or context_dim != 1024):
         heads = dict(num_heads=8, head_dim=None)
-    else:
+    else:  # SD 2.x, and SDXL base / refiner: 64-wide heads
         heads = dict(num_heads=None, head_dim=64)
     return UNetConfig(
         in_channels=conv_in.shape[1], out_channels=sd["out.2.weight"].shape[0],
@@ -215,6 +222,8 @@ def infer_config_from_ldm_state_dict(sd: Mapping[str, torch.Tensor]) -> UNetConf
         transformer_depth=depth, context_dim=context_dim, use_linear_projection=bool(linear),
         upcast_attention=context_dim == 1024 and num_class is None,
         only_cross_attention=only_cross, num_class_embeds=num_class,
+        # SDXL's numbers are embedded 256 wide (base: 1280 + 6 x 256, refiner: 1280 + 5 x 256)
+        adm_in_channels=adm, addition_time_embed_dim=256 if adm is not None else None,
     )
 
 

@@ -14,7 +14,7 @@ _CROSS_DOWN, _PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 _CROSS_UP, _PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 
 # Keys whose only supported value is diffusers' default (or an equivalent one). A
-# different value means an architecture we do not build (SDXL, Kandinsky, LCM, ...).
+# different value means an architecture we do not build (Kandinsky, LCM, ...).
 _MUST_BE: dict[str, tuple[Any, ...]] = {
     "center_input_sample": (False,),
     "mid_block_type": ("UNetMidBlock2DCrossAttn",),
@@ -26,8 +26,7 @@ _MUST_BE: dict[str, tuple[Any, ...]] = {
     "num_attention_heads": (None,),
     "dual_cross_attention": (False,),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
+    "addition_embed_type": (None, "text_time"),
     "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1, 1.0),
@@ -38,7 +37,6 @@ _MUST_BE: dict[str, tuple[Any, ...]] = {
     "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
-    "projection_class_embeddings_input_dim": (None,),
     "attention_type": ("default",),
     "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None, False),
@@ -52,6 +50,7 @@ _USED = {
     "up_block_types", "attention_head_dim", "transformer_layers_per_block", "cross_attention_dim",
     "use_linear_projection", "upcast_attention", "only_cross_attention", "norm_num_groups",
     "norm_eps", "num_class_embeds", "flip_sin_to_cos", "freq_shift", "dropout",
+    "addition_time_embed_dim", "projection_class_embeddings_input_dim",
 }
 
 
@@ -99,6 +98,7 @@ def config_from_diffusers(d: dict[str, Any]) -> UNetConfig:
     norm_groups = d.get("norm_num_groups", 32)
     if norm_groups is None:
         raise ValueError("norm_num_groups=None (no group norm) is not supported")
+    adm, time_dim = _vector_conditioning(d)
     heads = d.get("attention_head_dim", 8)
     only_cross = d.get("only_cross_attention", False)
     if isinstance(only_cross, (list, tuple)) and len(only_cross) == levels:
@@ -123,7 +123,23 @@ def config_from_diffusers(d: dict[str, Any]) -> UNetConfig:
         flip_sin_to_cos=bool(d.get("flip_sin_to_cos", True)),
         freq_shift=int(d.get("freq_shift", 0)),
         dropout=float(d.get("dropout", 0.0)),
+        adm_in_channels=adm,
+        addition_time_embed_dim=time_dim,
     )
+
+
+def _vector_conditioning(d: dict[str, Any]) -> tuple[int | None, int | None]:
+    """SDXL's added conditioning (addition_embed_type "text_time"): (y's width, each number's width)."""
+    adm, time_dim = d.get("projection_class_embeddings_input_dim"), d.get("addition_time_embed_dim")
+    if d.get("addition_embed_type") != "text_time":
+        if adm is not None or time_dim is not None:
+            raise ValueError(f"projection_class_embeddings_input_dim={adm!r} / addition_time_embed_dim={time_dim!r} "
+                             "are supported with addition_embed_type 'text_time' only")
+        return None, None
+    if not isinstance(adm, int) or not isinstance(time_dim, int):
+        raise ValueError(f"addition_embed_type 'text_time' needs int projection_class_embeddings_input_dim and "
+                         f"addition_time_embed_dim, got {adm!r} and {time_dim!r}")
+    return adm, time_dim
 
 
 def config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
@@ -149,6 +165,9 @@ def config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         "flip_sin_to_cos": cfg.flip_sin_to_cos,
         "freq_shift": cfg.freq_shift,
         "dropout": cfg.dropout,
+        "addition_embed_type": "text_time" if cfg.adm_in_channels is not None else None,
+        "addition_time_embed_dim": cfg.addition_time_embed_dim,
+        "projection_class_embeddings_input_dim": cfg.adm_in_channels,
     }
 
 

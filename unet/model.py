@@ -1,9 +1,22 @@
-"""UNet: the Stable-Diffusion-style denoiser ``unet(x, t, context) -> prediction``.
+"""UNet: the Stable-Diffusion-style denoiser.
+
+    unet(x, t, context, *, context_mask=None, class_labels=None, y=None) -> prediction
 
 Levels of ResBlocks (+ spatial transformers where ``attention_levels`` says so) go down,
 a middle block, the mirrored levels come up reading the skip connections
 (Ronneberger et al. 2015; Rombach et al. 2022, LDM). Parameter names match diffusers'
 ``UNet2DConditionModel``; convert.py handles the checkpoint formats.
+
+The signature stays small; each kind of conditioning has one way in:
+- spatial conditioning is concatenated onto ``x`` by the caller (inpainting's mask and masked
+  latents, the upscaler's low-resolution image); ``in_channels`` says how many there are;
+- tokens (text) are ``context``, read by cross-attention, with ``context_mask`` for padding;
+- per-image vectors enter through the timestep embedding: ``class_labels`` (an index: the x4
+  upscaler's noise level) and ``y`` (a vector: SDXL's pooled text + embedded size numbers, built
+  by ``vector_conditioning``; sgm's name). A guidance-scale embedding (LCM) will be one more
+  such vector, mixed into the timestep embedding as diffusers' ``time_cond_proj_dim`` does;
+- add-on networks (ControlNet) will pass their residuals as one optional keyword, a list added
+  to the skip connections and the middle block's output.
 """
 from __future__ import annotations
 
@@ -48,7 +61,7 @@ def _transformer(cfg: UNetConfig, level: int, *, only_cross: bool) -> SpatialTra
 
 
 class UNet(nn.Module):
-    """Text-conditioned UNet: ``unet(x, t, context, *, context_mask=None, class_labels=None)``."""
+    """Text-conditioned UNet: ``unet(x, t, context, *, context_mask=None, class_labels=None, y=None)``."""
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -61,6 +74,7 @@ class UNet(nn.Module):
         self.time_embedding = TimestepMLP(ch0, emb_dim)
         self.class_embedding = (nn.Embedding(cfg.num_class_embeds, emb_dim)
                                 if cfg.num_class_embeds is not None else None)
+        self.add_embedding = TimestepMLP(cfg.adm_in_channels, emb_dim) if cfg.adm_in_channels is not None else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
 
         skip_channels = [ch0]  # channels of every tensor pushed on the skip stack
@@ -147,13 +161,17 @@ class UNet(nn.Module):
         *,
         context_mask: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, in_ch, H, W), t scalar or (B,), context (B, L, D) -> (B, out_ch, H, W).
 
-        Inputs are cast to the weights' dtype; the prediction comes back in x's dtype.
+        y (B, adm_in_channels): the vector conditioning of models that have one (SDXL; build it
+        with `vector_conditioning`). Inputs are cast to the weights' dtype; the prediction comes
+        back in x's dtype.
         """
         cfg = self._config
         self._check_inputs(x, context, context_mask, class_labels)
+        self._check_vector(y, x.shape[0])
         B, in_dtype, dtype = x.shape[0], x.dtype, self.dtype
         x, context = x.to(dtype), context.to(dtype)
 
@@ -163,6 +181,8 @@ class UNet(nn.Module):
         emb = self.time_embedding(t_emb.to(dtype))  # (B, 4 * ch0)
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(class_labels).to(dtype)
+        if self.add_embedding is not None:
+            emb = emb + self.add_embedding(y.to(dtype))
         emb_act = F.silu(emb)  # every ResBlock starts its embedding path with SiLU
         bias = mask_to_bias(context_mask, dtype=dtype)  # (B, 1, 1, L) or None
 
@@ -215,6 +235,35 @@ class UNet(nn.Module):
             if class_labels.shape != (B,) or class_labels.is_floating_point():
                 raise ValueError(f"class_labels must be ({B},) integers, got {tuple(class_labels.shape)} "
                                  f"{class_labels.dtype}")
+
+    def _check_vector(self, y: torch.Tensor | None, batch: int) -> None:
+        width = self._config.adm_in_channels
+        if width is None:
+            if y is not None:
+                raise ValueError("y given but this UNet has no vector conditioning (config.adm_in_channels is None)")
+        elif y is None or tuple(y.shape) != (batch, width):
+            got = "nothing" if y is None else f"shape {tuple(y.shape)}"
+            raise ValueError(f"this UNet needs y of shape ({batch}, {width}) (SDXL: pooled text + size numbers; "
+                             f"see vector_conditioning), got {got}")
+
+    def vector_conditioning(self, pooled: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+        """y for this UNet: pooled text (B, P) then the sinusoidal embedding of each of the N numbers
+        (B, N: SDXL's original size, crop top-left and target size, or aesthetic score) at
+        `addition_time_embed_dim` wide, as sgm's conditioner and diffusers' add_time_proj build it."""
+        cfg = self._config
+        if cfg.adm_in_channels is None:
+            raise ValueError("this UNet has no vector conditioning (config.adm_in_channels is None)")
+        if pooled.ndim != 2 or numbers.ndim != 2 or numbers.shape[0] != pooled.shape[0]:
+            raise ValueError(f"pooled must be (B, P) and numbers (B, N), got {tuple(pooled.shape)} and "
+                             f"{tuple(numbers.shape)}")
+        width = pooled.shape[1] + numbers.shape[1] * cfg.addition_time_embed_dim
+        if width != cfg.adm_in_channels:
+            raise ValueError(f"pooled ({pooled.shape[1]}) + {numbers.shape[1]} numbers x "
+                             f"{cfg.addition_time_embed_dim} = {width}, but this UNet reads y of width "
+                             f"{cfg.adm_in_channels}")
+        embedded = timestep_embedding(numbers.flatten(), cfg.addition_time_embed_dim,
+                                      flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+        return torch.cat([pooled, embedded.reshape(numbers.shape[0], -1).to(pooled.dtype)], dim=-1)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
