@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .denoiser import Denoiser, sigma_batch
 from .forward import add_noise
 
-_COND_KEYS = ("context", "context_mask", "class_labels", "concat")
+_COND_KEYS = ("context", "context_mask", "class_labels", "concat", "y")
 
 
 def _batch(v: torch.Tensor, b: int, name: str) -> torch.Tensor:
@@ -50,7 +50,7 @@ def merge_cond(uncond: dict[str, Any], cond: dict[str, Any], b: int) -> dict[str
                 m = c.new_ones(c.shape[:2], dtype=torch.long) if m is None else _batch(m, b, "context_mask")
                 masks.append(F.pad(m.long(), (0, L - c.shape[1])))  # (B, L), 0 over the padding
             out["context_mask"] = torch.cat(masks)
-    for key in ("class_labels", "concat"):
+    for key in ("class_labels", "concat", "y"):  # y: SDXL's vector, its own per side (negative sizes)
         if key in cond:
             out[key] = torch.cat([_batch(uncond[key], b, f"uncond {key}"), _batch(cond[key], b, f"cond {key}")])
     return out

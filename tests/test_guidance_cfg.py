@@ -139,6 +139,14 @@ def test_merge_cond_keeps_given_masks_labels_and_concat():
     assert m["class_labels"].tolist() == [0, 0, 1, 2] and m["concat"].shape == (4, 5, 4, 4)
 
 
+def test_merge_cond_stacks_each_sides_vector_conditioning():
+    """SDXL: the negative branch has its own y (negative prompt's pooled text, negative size numbers)."""
+    c = {"context": torch.ones(2, 4, 3), "y": torch.full((2, 6), 1.0)}
+    u = {"context": torch.zeros(2, 4, 3), "y": torch.full((1, 6), -1.0)}  # one shared by the batch
+    m = merge_cond(u, c, 2)
+    assert m["y"].tolist() == [[-1.0] * 6] * 2 + [[1.0] * 6] * 2
+
+
 def test_cfg_errors():
     schedule, model, denoiser, cond, uncond = setup()
     x = torch.randn(2, 4, 8, 8)
