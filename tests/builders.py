@@ -224,3 +224,22 @@ def to_sd2_single_file(pipe, path: Path) -> Path:
     state.update(_open_clip_state(pipe.text_encoder, skipped))
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+def sdxl_text_encoders(seed: int = 0, hidden_size: int = 32, projection_dim: int = 32):
+    """Tiny SDXL pair: a CLIPTextModel and a CLIPTextModelWithProjection, with their tokenizers (the
+    second pads with "!", as OpenCLIP bigG's does)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    first = clip_text_model(seed, hidden_size)
+    torch.manual_seed(seed + 1)
+    vocab_size = len(json.loads((DATA / "clip_vocab.json").read_text()))
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        hidden_act="gelu", projection_dim=projection_dim,
+    )
+    second = CLIPTextModelWithProjection(config).eval()
+    tokenizer_2 = clip_tokenizer()
+    tokenizer_2.pad_token = "!"
+    return first, clip_tokenizer(), second, tokenizer_2
