@@ -172,6 +172,9 @@ class CallArgs:
     seeds: list[int | None]
     schedule: ScheduleConfig  # the model's, resolved for this sampler (`ScheduleConfig.for_sampler`)
     vae_tiling: bool | None = None  # None: decode_latents chooses by size
+    prompts_2: list[str] | None = None  # SDXL's second text encoder (default: the prompts)
+    negatives_2: list[str] | None = None
+    micro: Any = None  # SDXL's micro-conditioning (`micro_conditioning.MicroConditioning`), set with the size
 
     @property
     def batch(self) -> int:
@@ -181,7 +184,7 @@ class CallArgs:
 def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: Any, guidance_scale: Any,
                guidance_rescale: Any, sampler: Any, karras_sigmas: Any, num_images_per_prompt: Any,
                output_type: Any, seed: Any, generator: Any, vae_tiling: Any = None,
-               scheduler_config: Any = None) -> CallArgs:
+               scheduler_config: Any = None, prompt_2: Any = None, negative_prompt_2: Any = None) -> CallArgs:
     """Check the shared arguments (None = the model's default) before any work is done."""
     d = pipe.defaults
     prompts = check_prompt_list(prompt)
@@ -198,8 +201,19 @@ def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: 
     karras = schedule.use_karras_sigmas if karras_sigmas is None else check_bool(karras_sigmas, "karras_sigmas")
     vae_tiling = check_tiling(vae_tiling)
     generator, seeds = make_generators(seed=seed, generator=generator, batch=len(prompts) * per_prompt)
+    prompts_2 = negatives_2 = None
+    if prompt_2 is not None or negative_prompt_2 is not None:
+        if not hasattr(pipe.text_encoder, "encoder_2"):
+            raise ValueError(f"prompt_2 / negative_prompt_2 are for SDXL's second text encoder; this model "
+                             f"({pipe.name}) has one")
+        if prompt_2 is not None:
+            prompts_2 = check_prompt_list(prompt_2, "prompt_2")
+            if len(prompts_2) != len(prompts):
+                raise ValueError(f"got {len(prompts_2)} prompt_2 for {len(prompts)} prompts; pass one per prompt")
+        if negative_prompt_2 is not None:
+            negatives_2 = check_negative(negative_prompt_2, len(prompts))
     return CallArgs(prompts, negatives, steps, scale, rescale, sampler, karras, per_prompt, output_type,
-                    generator, seeds, schedule, vae_tiling)
+                    generator, seeds, schedule, vae_tiling, prompts_2, negatives_2)
 
 
 def call_schedule(pipe, sampler: str, scheduler_config: Any = None) -> ScheduleConfig:

@@ -12,9 +12,14 @@ from latentloom.pipelines.cli_common import (
 # --vae-tiling choice -> the pipeline's vae_tiling argument
 VAE_TILING = {"auto": None, "on": True, "off": False}
 
+# SDXL's second prompts and micro-conditioning (txt2img arguments, recorded in its recipes)
+SDXL_NAMES = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
+              "negative_original_size", "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
+              "negative_aesthetic_score")
 # recipe keys that `--from` passes back to the pipeline call
 _REPLAYED = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "guidance_rescale", "sampler",
-             "karras_sigmas", "seed", "clip_guidance_scale", "height", "width", "vae_tiling", "scheduler_config")
+             "karras_sigmas", "seed", "clip_guidance_scale", "height", "width", "vae_tiling", "scheduler_config",
+             *SDXL_NAMES)
 
 
 def register(subparsers) -> None:
@@ -40,6 +45,13 @@ def register(subparsers) -> None:
                         help="with --prompts: make every image again, even where DIR holds it (or holds one "
                              "made with other options)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
+    sdxl = parser.add_argument_group("SDXL")
+    sdxl.add_argument("--prompt-2", default=None, help="the prompt for the second text encoder (default: PROMPT)")
+    sdxl.add_argument("--negative-prompt-2", default=None)
+    for name, meaning in (("original-size", "H W"), ("crops-coords-top-left", "TOP LEFT"), ("target-size", "H W")):
+        sdxl.add_argument(f"--{name}", type=int, nargs=2, default=None, metavar=tuple(meaning.split()),
+                          help="micro-conditioning (default: the output size; crops 0 0)")
+        sdxl.add_argument(f"--negative-{name}", type=int, nargs=2, default=None, metavar=tuple(meaning.split()))
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--vae-tiling", choices=sorted(VAE_TILING), default="auto",
@@ -52,6 +64,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    sdxl = call_kwargs(args, SDXL_NAMES)
     if args.threads is not None:
         if args.threads < 1:
             return fail(f"--threads must be >= 1, got {args.threads}")
@@ -62,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return run_prompts_file(args)
     if args.overwrite:
         return fail("--overwrite goes with --prompts FILE --output-dir DIR")
-    kwargs = call_kwargs(args, SAMPLING_NAMES + ("height", "width"))
+    kwargs = {**call_kwargs(args, SAMPLING_NAMES + ("height", "width")), **sdxl}
     tiling = VAE_TILING[getattr(args, "vae_tiling", "auto")]
     legacy_schedule = False
     if tiling is not None:

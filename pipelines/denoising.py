@@ -53,21 +53,30 @@ class UNetCall:
         return unet(x.to(dtype), t, **cond).to(x.dtype)
 
 
-def text_conditions(pipe, prompts: list[str], negatives: list[str] | None, *, guided: bool) -> tuple[dict, dict | None]:
-    """Encode prompts (and negatives, when guidance needs them) into UNet keyword arguments."""
+def text_conditions(pipe, prompts: list[str], negatives: list[str] | None, *, guided: bool,
+                    prompts_2: list[str] | None = None, negatives_2: list[str] | None = None,
+                    micro=None) -> tuple[dict, dict | None]:
+    """Encode prompts (and negatives, when guidance needs them) into UNet keyword arguments; for SDXL
+    also y, the pooled text with each branch's micro-conditioning numbers."""
     encoder = pipe.text_encoder
+    second = {"prompts_2": prompts_2, "negative_prompts_2": negatives_2} if micro is not None else {}
     if guided:
-        cond_emb, uncond_emb = encoder.encode_pair(prompts, negatives)
+        cond_emb, uncond_emb = encoder.encode_pair(prompts, negatives, **second)
     else:
-        cond_emb, uncond_emb = encoder.encode(prompts), None
+        cond_emb, uncond_emb = encoder.encode(prompts, *([prompts_2] if micro is not None else [])), None
 
-    def as_kwargs(emb) -> dict:
+    def as_kwargs(emb, *, negative: bool) -> dict:
         kwargs = {"context": emb.hidden.to(pipe.device)}
         if pipe.use_context_mask:
             kwargs["context_mask"] = emb.mask.to(pipe.device)
+        if micro is not None:
+            pooled = emb.pooled.to(pipe.device)
+            numbers = torch.tensor([micro.numbers(negative=negative)], dtype=pooled.dtype, device=pipe.device)
+            kwargs["y"] = pipe.unet.vector_conditioning(pooled, numbers.expand(pooled.shape[0], -1))
         return kwargs
 
-    return as_kwargs(cond_emb), (as_kwargs(uncond_emb) if uncond_emb is not None else None)
+    return (as_kwargs(cond_emb, negative=False),
+            as_kwargs(uncond_emb, negative=True) if uncond_emb is not None else None)
 
 
 def repeat_cond(cond: dict, repeats: int) -> dict:
@@ -89,7 +98,8 @@ def build_denoiser(pipe, *, cond: dict, uncond: dict | None, guidance_scale: flo
 
 def guided_denoiser(pipe, call: CallArgs, *, extra: dict | None = None):
     """Encode the prompts and build the (CFG-)guided denoiser; `extra` as in `build_denoiser`."""
-    cond, uncond = text_conditions(pipe, call.prompts, call.negatives, guided=call.scale > 1.0)
+    cond, uncond = text_conditions(pipe, call.prompts, call.negatives, guided=call.scale > 1.0,
+                                   prompts_2=call.prompts_2, negatives_2=call.negatives_2, micro=call.micro)
     cond = repeat_cond(cond, call.per_prompt)
     uncond = repeat_cond(uncond, call.per_prompt) if uncond is not None else None
     return build_denoiser(pipe, cond=cond, uncond=uncond, guidance_scale=call.scale,

@@ -98,20 +98,29 @@ def load_folder(folder: Path) -> Pipeline:
 
 
 def load_diffusers_folder(folder: Path, index: dict[str, Any]) -> Pipeline:
-    """A diffusers StableDiffusionPipeline folder: our UNet, diffusers' VAE, transformers' CLIP."""
+    """A diffusers Stable Diffusion folder (1.x / 2.x, or SDXL with text_encoder_2/): our UNet,
+    diffusers' VAE, transformers' CLIP."""
     from latentloom.text_encoders import CLIPEncoder
     from latentloom.unet import UNet
 
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    sdxl = (folder / "text_encoder_2").is_dir() or index.get("text_encoder_2") is not None
+    # the SDXL refiner has no first text encoder
+    text_parts = ("text_encoder_2", "tokenizer_2") if sdxl else ("text_encoder", "tokenizer")
+    for part in ("unet", "vae", *text_parts, "scheduler"):
         if not (folder / part).is_dir():
             raise FileNotFoundError(f"{folder} is missing its {part}/ folder (a Stable Diffusion folder needs "
-                                    "unet/, vae/, text_encoder/, tokenizer/ and scheduler/)")
+                                    f"unet/, vae/, {'/, '.join(text_parts)}/ and scheduler/)")
     encoder_class = (index.get("text_encoder") or [None, None])[1]
     if encoder_class not in ("CLIPTextModel", None):
         raise ValueError(f"{folder}: text encoder {encoder_class!r} is not supported here (CLIPTextModel is)")
     unet = UNet.from_diffusers(folder / "unet")
     vae = load_vae(folder / "vae")
-    text_encoder = CLIPEncoder.from_pretrained(folder)
+    if sdxl:
+        from latentloom.text_encoders.sdxl import SDXLTextEncoders
+
+        text_encoder = SDXLTextEncoders.from_pretrained(folder)
+    else:
+        text_encoder = CLIPEncoder.from_pretrained(folder)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
         raise FileNotFoundError(f"{folder} is missing scheduler/scheduler_config.json")

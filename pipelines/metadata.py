@@ -95,8 +95,12 @@ def call_recipes(pipe, call, *, height: int, width: int, task: str, **fields: An
         "scheduler_config": call.schedule.settings(), "task": task, **fields,
     }
     n = call.per_prompt
+    second = {}
+    if call.prompts_2 is not None or call.negatives_2 is not None:
+        second = {"prompt_2": call.prompts_2, "negative_prompt_2": call.negatives_2}
     return [
         {**shared, "prompt": call.prompts[i // n], "seed": call.seeds[i],
-         "negative_prompt": call.negatives[i // n] if call.negatives else None}
+         "negative_prompt": call.negatives[i // n] if call.negatives else None,
+         **{k: (v[i // n] if v else None) for k, v in second.items()}}
         for i in range(call.batch)
     ]

@@ -9,6 +9,7 @@ from latentloom.pipelines.arguments import check_float, check_size, parse_call
 from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.output import latents_to_output
+from latentloom.pipelines.micro_conditioning import parse_micro
 from latentloom.pipelines.output import PipelineOutput
 from latentloom.samplers.noise import final_latents, initial_latents, randn
 
@@ -27,6 +28,16 @@ def text_to_image(
     sampler: str | None = None,
     karras_sigmas: bool | None = None,
     scheduler_config: dict | None = None,
+    prompt_2: str | list[str] | None = None,
+    negative_prompt_2: str | list[str] | None = None,
+    original_size: tuple[int, int] | None = None,
+    crops_coords_top_left: tuple[int, int] | None = None,
+    target_size: tuple[int, int] | None = None,
+    negative_original_size: tuple[int, int] | None = None,
+    negative_crops_coords_top_left: tuple[int, int] | None = None,
+    negative_target_size: tuple[int, int] | None = None,
+    aesthetic_score: float | None = None,
+    negative_aesthetic_score: float | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     seed: int | None = None,
     num_images_per_prompt: int = 1,
@@ -50,15 +61,23 @@ def text_to_image(
     scheduler_config.json keys, e.g. `{"timestep_spacing": "trailing"}`; recipes record them under
     that name). `vae_tiling`: None decodes large images in VAE tiles
     (see `latentloom.vae.codec.decode_latents`), True / False force it. Returns
-    `PipelineOutput(images, recipes)`.
+    `PipelineOutput(images, recipes)`. SDXL models also take `prompt_2` / `negative_prompt_2` (their
+    second text encoder) and the micro-conditioning of `pipelines.micro_conditioning`
+    (`original_size`, `crops_coords_top_left`, `target_size`, their `negative_*` twins, and for
+    refiners `aesthetic_score` / `negative_aesthetic_score`).
     """
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
                       karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
                       output_type=output_type, seed=seed, generator=generator, vae_tiling=vae_tiling,
-                      scheduler_config=scheduler_config)
+                      scheduler_config=scheduler_config, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
     d = pipe.defaults
     height, width = check_size(pipe, d.height if height is None else height, d.width if width is None else width)
+    call.micro = parse_micro(pipe, height=height, width=width, values=dict(
+        original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+        negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
+        negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+        negative_aesthetic_score=negative_aesthetic_score))
     if clip_guidance_scale is None:  # the model's default; 0 unless it ships an image-text model
         clip_guidance_scale = d.clip_guidance_scale if pipe.clip_model is not None else 0.0
     clip_scale = check_float(clip_guidance_scale, "clip_guidance_scale", low=0.0)
@@ -79,5 +98,5 @@ def text_to_image(
                     callback=callback, progress=progress, schedule=call.schedule)
     images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type, vae_tiling=call.vae_tiling)
     recipes = call_recipes(pipe, call, height=height, width=width, task="txt2img", clip_guidance_scale=clip_scale,
-                           vae_tiling=call.vae_tiling)
+                           vae_tiling=call.vae_tiling, **(call.micro.recipe() if call.micro is not None else {}))
     return PipelineOutput(images=images, recipes=recipes)

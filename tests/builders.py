@@ -243,3 +243,25 @@ def sdxl_text_encoders(seed: int = 0, hidden_size: int = 32, projection_dim: int
     tokenizer_2 = clip_tokenizer()
     tokenizer_2.pad_token = "!"
     return first, clip_tokenizer(), second, tokenizer_2
+
+
+def tiny_sdxl_pipeline(seed: int = 0, *, scheduler: str = "ddim", force_zeros: bool = True):
+    """A diffusers StableDiffusionXLPipeline from tiny parts: the SDXL text encoder pair (32 + 32 wide,
+    pooled 32), a UNet with SDXL's vector conditioning (pooled + 6 numbers x 8) and the tiny VAE."""
+    import diffusers
+
+    first, tok, second, tok2 = sdxl_text_encoders(seed)
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=2, transformer_layers_per_block=(1, 2), cross_attention_dim=64,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+    ).eval()
+    cls_name, extra = DIFFUSERS_SCHEDULERS[scheduler]
+    sched = getattr(diffusers, cls_name)(**SD_SCHEDULER, **extra)
+    return diffusers.StableDiffusionXLPipeline(
+        vae=tiny_vae(seed), text_encoder=first, tokenizer=tok, text_encoder_2=second, tokenizer_2=tok2, unet=unet,
+        scheduler=sched, force_zeros_for_empty_prompt=force_zeros, add_watermarker=False,
+    )

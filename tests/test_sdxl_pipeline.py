@@ -1,0 +1,86 @@
+"""SDXL text to image on a folder diffusers saved gives diffusers' images (StableDiffusionXLPipeline,
+add_watermarker=False): samplers, negative prompts and forced zeros, prompt_2, micro-conditioning."""
+import numpy as np
+import pytest
+import torch
+
+import latentloom
+from builders import save_sd_folder, tiny_sdxl_pipeline, use_scheduler
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    folder = save_sd_folder(pipe, tmp_path_factory.mktemp("sdxl"))
+    return pipe, latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
+
+
+def compare(reference, ours, sampler, **args):
+    use_scheduler(reference, sampler)
+    expected = reference(generator=torch.Generator().manual_seed(4), output_type="np", **args).images
+    got = ours(**args, sampler=sampler, generator=torch.Generator().manual_seed(4), output_type="np",
+               progress=False).images
+    diff = np.abs(got - expected)
+    print(f"sdxl {sampler}: mean abs diff {diff.mean():.1e}, max {diff.max():.1e}")
+    assert got.shape == expected.shape and diff.mean() <= 1e-3 and diff.max() <= 1e-4
+    return got
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpmpp_2m", "unipc"])
+def test_same_images_as_diffusers(sdxl, sampler):
+    reference, ours = sdxl
+    compare(reference, ours, sampler, prompt=["a red circle", "two blue stars"], num_inference_steps=4,
+            guidance_scale=5.0, height=16, width=24)
+
+
+@pytest.mark.parametrize("negative", [None, "blurry"], ids=["forced-zeros", "negative"])
+def test_negative_prompt_and_forced_zeros(sdxl, negative):
+    reference, ours = sdxl
+    compare(reference, ours, "euler_a", prompt="a red circle", negative_prompt=negative, num_inference_steps=4,
+            guidance_scale=6.0, height=16, width=16)
+
+
+def test_second_prompts_and_micro_conditioning(sdxl):
+    reference, ours = sdxl
+    args = dict(prompt="a red circle", prompt_2="a watercolor", negative_prompt="blurry", negative_prompt_2="dark",
+                num_inference_steps=4, guidance_scale=5.0, height=16, width=16, original_size=(512, 384),
+                crops_coords_top_left=(8, 16), target_size=(1024, 1024), negative_original_size=(256, 256),
+                negative_crops_coords_top_left=(0, 4), negative_target_size=(512, 512))
+    got = compare(reference, ours, "dpmpp_2m", **args)
+    plain = ours(**{k: v for k, v in args.items() if "size" not in k and "crops" not in k}, sampler="dpmpp_2m",
+                 generator=torch.Generator().manual_seed(4), output_type="np", progress=False).images
+    assert np.abs(plain - got).max() > 1e-3  # the numbers reach the UNet
+
+
+def test_recipe_records_the_sdxl_arguments_and_defaults(sdxl):
+    _, ours = sdxl
+    assert (ours.defaults.height, ours.defaults.width) == (16, 16)  # sample size 8 x the tiny VAE's factor 2
+    recipe = ours("a red circle", prompt_2="a watercolor", seed=1, num_inference_steps=2, height=16, width=24,
+                  crops_coords_top_left=(4, 0), progress=False).recipes[0]
+    assert recipe["prompt_2"] == "a watercolor" and recipe["original_size"] == [16, 24]
+    assert recipe["crops_coords_top_left"] == [4, 0] and recipe["negative_crops_coords_top_left"] == [4, 0]
+    assert "aesthetic_score" not in recipe
+
+
+def test_sdxl_arguments_are_refused_by_other_models(pipe):
+    with pytest.raises(ValueError, match="micro-conditioning; this model"):
+        pipe("a circle", original_size=(64, 64), num_inference_steps=1, height=16, width=16, progress=False)
+    with pytest.raises(ValueError, match="prompt_2 / negative_prompt_2 are for SDXL"):
+        pipe("a circle", prompt_2="x", num_inference_steps=1, height=16, width=16, progress=False)
+
+
+def test_cli_makes_an_sdxl_image_and_generate_from_remakes_it_byte_for_byte(sdxl, tmp_path):
+    from latentloom.cli import main as cli_main
+    from latentloom.pipelines.metadata import read_metadata
+
+    _, ours = sdxl
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    argv = ["generate", "a red circle", "--model", ours.name, "--prompt-2", "a watercolor", "--original-size", "64",
+            "48", "--negative-target-size", "32", "32", "--steps", "2", "--height", "16", "--width", "16", "--seed",
+            "3", "--dtype", "fp32", "--no-progress", "-o", str(first)]
+    assert cli_main(argv) == 0
+    recipe = read_metadata(first)
+    assert recipe["original_size"] == [64, 48] and recipe["negative_target_size"] == [32, 32]
+    assert cli_main(["generate", "--from", str(first), "--no-progress", "-o", str(second)]) == 0
+    assert second.read_bytes() == first.read_bytes()
