@@ -9,11 +9,11 @@ import torch
 from latentloom.pipelines.arguments import check_float, check_unet_channels, parse_call
 from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
 from latentloom.pipelines.metadata import call_recipes
-from latentloom.pipelines.output import latents_to_output
 from latentloom.pipelines.image_input import (
     check_image_size, encode_for_batch, images_to_tensor, per_prompt_images, record_hashes, to_model_range,
 )
-from latentloom.pipelines.output import PipelineOutput
+from latentloom.pipelines.micro_conditioning import parse_micro
+from latentloom.pipelines.output import PipelineOutput, latents_to_output
 from latentloom.samplers.forward import add_noise
 from latentloom.samplers.noise import final_latents, randn, sigmas_for_strength
 
@@ -36,6 +36,16 @@ def image_to_image(
     sampler: str | None = None,
     karras_sigmas: bool | None = None,
     scheduler_config: dict | None = None,
+    prompt_2: str | list[str] | None = None,
+    negative_prompt_2: str | list[str] | None = None,
+    original_size: tuple[int, int] | None = None,
+    crops_coords_top_left: tuple[int, int] | None = None,
+    target_size: tuple[int, int] | None = None,
+    negative_original_size: tuple[int, int] | None = None,
+    negative_crops_coords_top_left: tuple[int, int] | None = None,
+    negative_target_size: tuple[int, int] | None = None,
+    aesthetic_score: float | None = None,
+    negative_aesthetic_score: float | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     seed: int | None = None,
     num_images_per_prompt: int = 1,
@@ -49,18 +59,24 @@ def image_to_image(
     image: one image for every prompt, or one per prompt (PIL, numpy or tensor; see
     `image_input`); its size is the output size and must be a multiple of the VAE factor.
     The last int(num_inference_steps * strength) steps of the schedule run; a strength that
-    leaves none is an error. Other arguments as `text_to_image`; the same generator gives
-    diffusers' `StableDiffusionImg2ImgPipeline` image.
+    leaves none is an error. Other arguments as `text_to_image` (SDXL's included); the same
+    generator gives diffusers' `StableDiffusionImg2ImgPipeline` (`StableDiffusionXLImg2ImgPipeline`,
+    refiners included) image.
     """
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
                       karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
                       output_type=output_type, seed=seed, generator=generator,
-                      scheduler_config=scheduler_config)
+                      scheduler_config=scheduler_config, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
     strength = check_strength(strength)
     check_unet_channels(pipe, expected=(pipe.latent_channels,), task="img2img")
     pixels = per_prompt_images(images_to_tensor(image), len(call.prompts))  # (n, 3, H, W) in [0, 1]
     height, width = check_image_size(pipe, pixels)
+    call.micro = parse_micro(pipe, height=height, width=width, values=dict(
+        original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+        negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
+        negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+        negative_aesthetic_score=negative_aesthetic_score))
     sigmas = sigmas_for_strength(call_sigmas(pipe, call), strength, sampler=call.sampler)
 
     denoiser = guided_denoiser(pipe, call)
@@ -71,6 +87,7 @@ def image_to_image(
     x = run_sampler(call.sampler, denoiser, x, sigmas.to(pipe.device), generator=call.generator,
                     callback=callback, progress=progress, schedule=call.schedule)
     images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type)
-    recipes = call_recipes(pipe, call, height=height, width=width, task="img2img", strength=strength)
+    recipes = call_recipes(pipe, call, height=height, width=width, task="img2img", strength=strength,
+                           **(call.micro.recipe() if call.micro is not None else {}))
     record_hashes(recipes, pixels, "image_hash")
     return PipelineOutput(images=images, recipes=recipes)

@@ -265,3 +265,24 @@ def tiny_sdxl_pipeline(seed: int = 0, *, scheduler: str = "ddim", force_zeros: b
         vae=tiny_vae(seed), text_encoder=first, tokenizer=tok, text_encoder_2=second, tokenizer_2=tok2, unet=unet,
         scheduler=sched, force_zeros_for_empty_prompt=force_zeros, add_watermarker=False,
     )
+
+
+def tiny_sdxl_refiner(seed: int = 0, *, scheduler: str = "ddim"):
+    """A diffusers SDXL refiner (StableDiffusionXLImg2ImgPipeline, requires_aesthetics_score=True) from tiny
+    parts: the second text encoder only (32 wide), a UNet reading pooled + 5 numbers (sizes, crop, score)."""
+    import diffusers
+
+    _, _, second, tok2 = sdxl_text_encoders(seed)
+    torch.manual_seed(seed + 2)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=2, cross_attention_dim=32, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 5 * 8,
+    ).eval()
+    cls_name, extra = DIFFUSERS_SCHEDULERS[scheduler]
+    return diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=tiny_vae(seed), text_encoder=None, tokenizer=None, text_encoder_2=second, tokenizer_2=tok2, unet=unet,
+        scheduler=getattr(diffusers, cls_name)(**SD_SCHEDULER, **extra), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False, add_watermarker=False,
+    )

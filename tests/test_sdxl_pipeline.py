@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import latentloom
-from builders import save_sd_folder, tiny_sdxl_pipeline, use_scheduler
+from builders import save_sd_folder, tiny_sdxl_pipeline, tiny_sdxl_refiner, use_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,59 @@ def test_cli_makes_an_sdxl_image_and_generate_from_remakes_it_byte_for_byte(sdxl
     assert recipe["original_size"] == [64, 48] and recipe["negative_target_size"] == [32, 32]
     assert cli_main(["generate", "--from", str(first), "--no-progress", "-o", str(second)]) == 0
     assert second.read_bytes() == first.read_bytes()
+
+
+def picture(h, w, seed=0):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a", "dpmpp_2m"])
+def test_img2img_matches_diffusers(sdxl, sampler):
+    import diffusers
+
+    reference, ours = sdxl
+    img2img = diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=reference.vae, text_encoder=reference.text_encoder, tokenizer=reference.tokenizer,
+        text_encoder_2=reference.text_encoder_2, tokenizer_2=reference.tokenizer_2, unet=reference.unet,
+        scheduler=reference.scheduler, requires_aesthetics_score=False, force_zeros_for_empty_prompt=True,
+        add_watermarker=False)
+    img2img.set_progress_bar_config(disable=True)
+    use_scheduler(img2img, sampler)
+    args = dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=5, guidance_scale=5.0,
+                strength=0.6, original_size=(64, 64), crops_coords_top_left=(0, 8))
+    image = picture(16, 24, seed=1)
+    expected = img2img(image=image, generator=torch.Generator().manual_seed(2), output_type="np", **args).images
+    got = ours.img2img(image=image, sampler=sampler, generator=torch.Generator().manual_seed(2), output_type="np",
+                       progress=False, **args).images
+    diff = np.abs(got - expected)
+    print(f"sdxl img2img {sampler}: mean abs diff {diff.mean():.1e}, max {diff.max():.1e}")
+    assert diff.mean() <= 1e-3 and diff.max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def refiner(tmp_path_factory):
+    pipe = tiny_sdxl_refiner()
+    pipe.set_progress_bar_config(disable=True)
+    folder = save_sd_folder(pipe, tmp_path_factory.mktemp("refiner"))
+    return pipe, latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("scores", [{}, {"aesthetic_score": 7.5, "negative_aesthetic_score": 1.0}],
+                         ids=["default-scores", "scores"])
+def test_refiner_img2img_matches_diffusers(refiner, scores):
+    reference, ours = refiner
+    assert ours.text_encoder.encoder_1 is None
+    args = dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0,
+                strength=0.5, **scores)
+    image = picture(16, 16, seed=2)
+    use_scheduler(reference, "euler")
+    expected = reference(image=image, generator=torch.Generator().manual_seed(5), output_type="np", **args).images
+    result = ours.img2img(image=image, sampler="euler", generator=torch.Generator().manual_seed(5),
+                          output_type="np", progress=False, **args)
+    diff = np.abs(result.images - expected)
+    print(f"refiner img2img: mean abs diff {diff.mean():.1e}, max {diff.max():.1e}")
+    assert diff.mean() <= 1e-3 and diff.max() <= 1e-4
+    assert result.recipes[0]["aesthetic_score"] == scores.get("aesthetic_score", 6.0)
+    assert "target_size" not in result.recipes[0]
