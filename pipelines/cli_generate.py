@@ -52,6 +52,10 @@ def register(subparsers) -> None:
         sdxl.add_argument(f"--{name}", type=int, nargs=2, default=None, metavar=tuple(meaning.split()),
                           help="micro-conditioning (default: the output size; crops 0 0)")
         sdxl.add_argument(f"--negative-{name}", type=int, nargs=2, default=None, metavar=tuple(meaning.split()))
+    sdxl.add_argument("--refiner", default=None, metavar="MODEL",
+                      help="hand the last part of the schedule to this refiner (SDXL's ensemble of experts)")
+    sdxl.add_argument("--refiner-start", type=float, default=None, metavar="F",
+                      help="where the refiner takes over, as a fraction of the schedule (default: 0.8)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--vae-tiling", choices=sorted(VAE_TILING), default="auto",
@@ -105,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
             kwargs["prompt"] = args.prompt[0]
         if args.model is None:
             args.model = recipe.get("model")
+        if args.refiner is None and recipe.get("refiner"):
+            args.refiner = recipe["refiner"]
+            if args.refiner_start is None:
+                args.refiner_start = recipe.get("refiner_start")
         if args.dtype is None and recipe.get("dtype"):
             args.dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(recipe["dtype"])
     elif not args.prompt:
@@ -113,6 +121,16 @@ def run(args: argparse.Namespace) -> int:
         kwargs["prompt"] = args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
     try:
         pipe = load(args)
+        if args.refiner is not None:
+            from latentloom.pipelines.handoff import generate_with_refiner
+            from latentloom.pipelines.loading import load_pipeline
+
+            refiner = load_pipeline(args.refiner, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+            prompt, seed = kwargs.pop("prompt"), kwargs.pop("seed", None)
+            out = generate_with_refiner(pipe, refiner, prompt, refiner_start=args.refiner_start or 0.8, seed=seed,
+                                        progress=not args.no_progress, **kwargs)
+            report_saved(out.save(args.output))
+            return 0
         if legacy_schedule:
             kwargs["scheduler_config"] = pipe.schedule_config.legacy_settings()
         out = pipe(**kwargs, progress=not args.no_progress)

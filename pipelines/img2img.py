@@ -10,8 +10,10 @@ from latentloom.pipelines.arguments import check_float, check_unet_channels, par
 from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.image_input import (
-    check_image_size, encode_for_batch, images_to_tensor, per_prompt_images, record_hashes, to_model_range,
+    check_image_size, encode_for_batch, expand_to_batch, images_to_tensor, per_prompt_images, record_hashes,
+    to_model_range,
 )
+from latentloom.pipelines.handoff import check_fraction, cut_start, from_handoff
 from latentloom.pipelines.micro_conditioning import parse_micro
 from latentloom.pipelines.output import PipelineOutput, latents_to_output
 from latentloom.samplers.forward import add_noise
@@ -46,6 +48,7 @@ def image_to_image(
     negative_target_size: tuple[int, int] | None = None,
     aesthetic_score: float | None = None,
     negative_aesthetic_score: float | None = None,
+    denoising_start: float | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     seed: int | None = None,
     num_images_per_prompt: int = 1,
@@ -61,7 +64,9 @@ def image_to_image(
     The last int(num_inference_steps * strength) steps of the schedule run; a strength that
     leaves none is an error. Other arguments as `text_to_image` (SDXL's included); the same
     generator gives diffusers' `StableDiffusionImg2ImgPipeline` (`StableDiffusionXLImg2ImgPipeline`,
-    refiners included) image.
+    refiners included) image. `denoising_start=f`: `image` is the latent tensor a base model returned with
+    `denoising_end=f, output_type="latent"`; the refiner runs the schedule's steps below the cut from
+    it, adding no noise (strength is not used; see `pipelines.handoff`).
     """
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
@@ -70,24 +75,51 @@ def image_to_image(
                       scheduler_config=scheduler_config, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
     strength = check_strength(strength)
     check_unet_channels(pipe, expected=(pipe.latent_channels,), task="img2img")
-    pixels = per_prompt_images(images_to_tensor(image), len(call.prompts))  # (n, 3, H, W) in [0, 1]
-    height, width = check_image_size(pipe, pixels)
+    if denoising_start is not None:
+        denoising_start = check_fraction(denoising_start, "denoising_start", call.sampler)
+        latents = _handoff_latents(pipe, image, call.batch)
+        height, width = (int(s) * pipe.vae_scale_factor for s in latents.shape[2:])
+    else:
+        pixels = per_prompt_images(images_to_tensor(image), len(call.prompts))  # (n, 3, H, W) in [0, 1]
+        height, width = check_image_size(pipe, pixels)
     call.micro = parse_micro(pipe, height=height, width=width, values=dict(
         original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
         negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
         negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
         negative_aesthetic_score=negative_aesthetic_score))
-    sigmas = sigmas_for_strength(call_sigmas(pipe, call), strength, sampler=call.sampler)
-
     denoiser = guided_denoiser(pipe, call)
-    x0 = encode_for_batch(pipe.vae, to_model_range(pixels).to(pipe.device), batch=call.batch,
-                          generator=call.generator)  # (B, C, h, w)
-    noise = randn(x0.shape, generator=call.generator, device=pipe.device, dtype=torch.float32)
-    x = add_noise(x0, noise, sigmas[0])
+    if denoising_start is not None:
+        sigmas = cut_start(pipe, call, call_sigmas(pipe, call), denoising_start)
+        x = from_handoff(expand_to_batch(latents, call.batch), float(sigmas[0]), call.sampler)
+    else:
+        sigmas = sigmas_for_strength(call_sigmas(pipe, call), strength, sampler=call.sampler)
+        x0 = encode_for_batch(pipe.vae, to_model_range(pixels).to(pipe.device), batch=call.batch,
+                              generator=call.generator)  # (B, C, h, w)
+        noise = randn(x0.shape, generator=call.generator, device=pipe.device, dtype=torch.float32)
+        x = add_noise(x0, noise, sigmas[0])
     x = run_sampler(call.sampler, denoiser, x, sigmas.to(pipe.device), generator=call.generator,
                     callback=callback, progress=progress, schedule=call.schedule)
     images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type)
     recipes = call_recipes(pipe, call, height=height, width=width, task="img2img", strength=strength,
-                           **(call.micro.recipe() if call.micro is not None else {}))
-    record_hashes(recipes, pixels, "image_hash")
+                           **(call.micro.recipe() if call.micro is not None else {}),
+                           **({"denoising_start": denoising_start} if denoising_start is not None else {}))
+    if denoising_start is None:
+        record_hashes(recipes, pixels, "image_hash")
+    else:  # the handed-off latents: their exact float32 bytes
+        import hashlib
+
+        digest = hashlib.sha256(latents.detach().cpu().float().numpy().tobytes()).hexdigest()[:10]
+        for recipe in recipes:
+            recipe["latents_hash"] = digest
     return PipelineOutput(images=images, recipes=recipes)
+
+
+def _handoff_latents(pipe, image: Any, batch: int) -> torch.Tensor:
+    """The latents a base model handed off: a float tensor (1 or batch, latent channels, h, w)."""
+    if not torch.is_tensor(image) or image.ndim != 4 or image.shape[1] != pipe.latent_channels:
+        got = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
+        raise ValueError(f"with denoising_start, image must be the latents a base model returned (B, "
+                         f"{pipe.latent_channels}, h, w) with output_type='latent' and denoising_end; got {got}")
+    if image.shape[0] not in (1, batch):
+        raise ValueError(f"got latents for {image.shape[0]} images; this call makes {batch} (pass 1 or {batch})")
+    return image.to(device=pipe.device, dtype=torch.float32)

@@ -9,6 +9,7 @@ from latentloom.pipelines.arguments import check_float, check_size, parse_call
 from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.output import latents_to_output
+from latentloom.pipelines.handoff import check_fraction, cut_end, to_handoff
 from latentloom.pipelines.micro_conditioning import parse_micro
 from latentloom.pipelines.output import PipelineOutput
 from latentloom.samplers.noise import final_latents, initial_latents, randn
@@ -38,6 +39,7 @@ def text_to_image(
     negative_target_size: tuple[int, int] | None = None,
     aesthetic_score: float | None = None,
     negative_aesthetic_score: float | None = None,
+    denoising_end: float | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     seed: int | None = None,
     num_images_per_prompt: int = 1,
@@ -64,7 +66,9 @@ def text_to_image(
     `PipelineOutput(images, recipes)`. SDXL models also take `prompt_2` / `negative_prompt_2` (their
     second text encoder) and the micro-conditioning of `pipelines.micro_conditioning`
     (`original_size`, `crops_coords_top_left`, `target_size`, their `negative_*` twins, and for
-    refiners `aesthetic_score` / `negative_aesthetic_score`).
+    refiners `aesthetic_score` / `negative_aesthetic_score`). `denoising_end=f` stops at the fraction
+    f of the schedule and, with `output_type="latent"`, returns the latents a refiner's img2img
+    continues from with `denoising_start=f` (`pipelines.handoff`).
     """
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
@@ -81,6 +85,8 @@ def text_to_image(
     if clip_guidance_scale is None:  # the model's default; 0 unless it ships an image-text model
         clip_guidance_scale = d.clip_guidance_scale if pipe.clip_model is not None else 0.0
     clip_scale = check_float(clip_guidance_scale, "clip_guidance_scale", low=0.0)
+    if denoising_end is not None:
+        denoising_end = check_fraction(denoising_end, "denoising_end", call.sampler)
 
     denoiser = guided_denoiser(pipe, call)
     if clip_scale > 0:
@@ -94,9 +100,13 @@ def text_to_image(
     shape = (call.batch, pipe.latent_channels, height // f, width // f)
     noise = randn(shape, generator=call.generator, device=pipe.device, dtype=torch.float32)
     x = initial_latents(noise, sigmas, sampler=call.sampler, timestep_spacing=call.schedule.timestep_spacing)
+    if denoising_end is not None:
+        sigmas = cut_end(pipe, call, sigmas, denoising_end)
     x = run_sampler(call.sampler, denoiser, x, sigmas.to(pipe.device), generator=call.generator,
                     callback=callback, progress=progress, schedule=call.schedule)
-    images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type, vae_tiling=call.vae_tiling)
+    latents = final_latents(x, sigmas) if denoising_end is None else to_handoff(x, float(sigmas[-1]), call.sampler)
+    images = latents_to_output(pipe, latents, call.output_type, vae_tiling=call.vae_tiling)
     recipes = call_recipes(pipe, call, height=height, width=width, task="txt2img", clip_guidance_scale=clip_scale,
-                           vae_tiling=call.vae_tiling, **(call.micro.recipe() if call.micro is not None else {}))
+                           vae_tiling=call.vae_tiling, **(call.micro.recipe() if call.micro is not None else {}),
+                           **({"denoising_end": denoising_end} if denoising_end is not None else {}))
     return PipelineOutput(images=images, recipes=recipes)

@@ -140,3 +140,61 @@ def test_refiner_img2img_matches_diffusers(refiner, scores):
     assert diff.mean() <= 1e-3 and diff.max() <= 1e-4
     assert result.recipes[0]["aesthetic_score"] == scores.get("aesthetic_score", 6.0)
     assert "target_size" not in result.recipes[0]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpmpp_2m"])
+def test_base_to_refiner_handoff_matches_diffusers_ensemble_of_experts(sdxl, refiner, sampler):
+    """denoising_end=0.8 on the base (latents out), denoising_start=0.8 on the refiner's img2img."""
+    base_ref, base = sdxl
+    refiner_ref, refiner_ours = refiner
+    use_scheduler(base_ref, sampler)
+    use_scheduler(refiner_ref, sampler)
+    common = dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=10, guidance_scale=5.0)
+    their_latents = base_ref(height=16, width=16, denoising_end=0.8, output_type="latent",
+                             generator=torch.Generator().manual_seed(8), **common).images
+    expected = refiner_ref(image=their_latents, denoising_start=0.8, output_type="np",
+                           generator=torch.Generator().manual_seed(9), **common).images
+    our_latents = base(height=16, width=16, denoising_end=0.8, output_type="latent", sampler=sampler,
+                       generator=torch.Generator().manual_seed(8), progress=False, **common).images
+    torch.testing.assert_close(our_latents, their_latents, rtol=0, atol=1e-4)
+    result = refiner_ours.img2img(image=our_latents, denoising_start=0.8, sampler=sampler, output_type="np",
+                                  generator=torch.Generator().manual_seed(9), progress=False, **common)
+    diff = np.abs(result.images - expected)
+    print(f"hand-off {sampler}: mean abs diff {diff.mean():.1e}, max {diff.max():.1e}")
+    assert diff.mean() <= 1e-3 and diff.max() <= 1e-4
+    assert result.recipes[0]["denoising_start"] == 0.8 and len(result.recipes[0]["latents_hash"]) == 10
+
+
+def test_handoff_arguments_are_checked(sdxl, refiner):
+    _, base = sdxl
+    _, refiner_ours = refiner
+    with pytest.raises(ValueError, match="denoising_end must be strictly between 0 and 1, got 1.0"):
+        base("a", denoising_end=1.0, num_inference_steps=2, height=16, width=16, progress=False)
+    with pytest.raises(ValueError, match="not supported with sampler 'heun'"):
+        base("a", denoising_end=0.5, sampler="heun", num_inference_steps=2, height=16, width=16, progress=False)
+    with pytest.raises(ValueError, match=r"image must be the latents a base model returned \(B, 4, h, w\)"):
+        refiner_ours.img2img("a", image=picture(16, 16), denoising_start=0.8, num_inference_steps=4, progress=False)
+
+
+def test_cli_refiner_handoff_and_its_replay(sdxl, refiner, tmp_path):
+    from PIL import Image
+
+    from latentloom.cli import main as cli_main
+    from latentloom.pipelines.handoff import generate_with_refiner
+    from latentloom.pipelines.metadata import read_metadata
+
+    _, base = sdxl
+    _, refiner_ours = refiner
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    argv = ["generate", "a red circle", "--model", base.name, "--refiner", refiner_ours.name, "--refiner-start", "0.7",
+            "--sampler", "euler_a", "--steps", "10", "--height", "16", "--width", "16", "--seed", "3", "--dtype",
+            "fp32", "--no-progress", "-o", str(first)]
+    assert cli_main(argv) == 0
+    recipe = read_metadata(first)
+    assert recipe["refiner"] == refiner_ours.name and recipe["refiner_start"] == 0.7 and "denoising_end" not in recipe
+    direct = generate_with_refiner(base, refiner_ours, "a red circle", refiner_start=0.7, seed=3, sampler="euler_a",
+                                   num_inference_steps=10, height=16, width=16, progress=False)
+    with Image.open(first) as image:
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(direct.images[0]))
+    assert cli_main(["generate", "--from", str(first), "--no-progress", "-o", str(second)]) == 0
+    assert second.read_bytes() == first.read_bytes()
