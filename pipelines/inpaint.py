@@ -23,6 +23,7 @@ from latentloom.pipelines.image_input import (
     to_model_range,
 )
 from latentloom.pipelines.img2img import check_strength
+from latentloom.pipelines.micro_conditioning import parse_micro
 from latentloom.pipelines.masks import (
     binarize, check_mask_size, dilated_latent_mask, feathered, mask_to_tensor, nearest_latent_mask, paste_onto,
 )
@@ -50,6 +51,16 @@ def inpaint(
     sampler: str | None = None,
     karras_sigmas: bool | None = None,
     scheduler_config: dict | None = None,
+    prompt_2: str | list[str] | None = None,
+    negative_prompt_2: str | list[str] | None = None,
+    original_size: tuple[int, int] | None = None,
+    crops_coords_top_left: tuple[int, int] | None = None,
+    target_size: tuple[int, int] | None = None,
+    negative_original_size: tuple[int, int] | None = None,
+    negative_crops_coords_top_left: tuple[int, int] | None = None,
+    negative_target_size: tuple[int, int] | None = None,
+    aesthetic_score: float | None = None,
+    negative_aesthetic_score: float | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     seed: int | None = None,
     num_images_per_prompt: int = 1,
@@ -67,13 +78,14 @@ def inpaint(
     and a 9-channel UNet is asked to repaint every latent cell the mask touches. False returns
     the decoded image as is, with the mask conditioned exactly as diffusers does (so the same
     generator gives `StableDiffusionInpaintPipeline`'s image). output_type="latent" returns
-    latents without paste-back. Other arguments as `text_to_image`.
+    latents without paste-back. Other arguments as `text_to_image` (SDXL's included: 4- and 9-channel
+    SDXL models give `StableDiffusionXLInpaintPipeline`'s image).
     """
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
                       karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
                       output_type=output_type, seed=seed, generator=generator,
-                      scheduler_config=scheduler_config)
+                      scheduler_config=scheduler_config, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
     strength = check_strength(strength)
     c = pipe.latent_channels
     channels = check_unet_channels(pipe, expected=(c, 2 * c + 1), task="inpaint")
@@ -83,6 +95,11 @@ def inpaint(
     mask = per_prompt_images(mask_to_tensor(mask_image), len(call.prompts), name="mask_image")  # (m, 1, H, W)
     check_mask_size(mask, pixels)
     height, width = check_image_size(pipe, pixels)
+    call.micro = parse_micro(pipe, height=height, width=width, values=dict(
+        original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+        negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
+        negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+        negative_aesthetic_score=negative_aesthetic_score))
     sigmas = sigmas_for_strength(call_sigmas(pipe, call), strength, sampler=call.sampler)
 
     device, batch, gen = pipe.device, call.batch, call.generator
@@ -128,7 +145,8 @@ def inpaint(
         images = latents_to_output(pipe, latents, call.output_type)
     recipes = call_recipes(pipe, call, height=height, width=width, task="inpaint", strength=strength,
                            paste_back=bool(paste_back), feather=radius,
-                           inpaint_mode="concat" if channels != c else "blend")
+                           inpaint_mode="concat" if channels != c else "blend",
+                           **(call.micro.recipe() if call.micro is not None else {}))
     record_hashes(recipes, pixels, "image_hash")
     record_hashes(recipes, mask.cpu().expand(-1, 3, -1, -1), "mask_hash")
     return PipelineOutput(images=images, recipes=recipes)

@@ -286,3 +286,18 @@ def tiny_sdxl_refiner(seed: int = 0, *, scheduler: str = "ddim"):
         scheduler=getattr(diffusers, cls_name)(**SD_SCHEDULER, **extra), requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False, add_watermarker=False,
     )
+
+
+def tiny_sdxl_inpaint_pipeline(seed: int = 0, *, in_channels: int = 9):
+    """diffusers' StableDiffusionXLInpaintPipeline on the tiny SDXL parts, its UNet with `in_channels`
+    (9: latents + mask + masked-image latents; 4: any SDXL UNet)."""
+    import diffusers
+
+    base = tiny_sdxl_pipeline(seed)
+    torch.manual_seed(seed + 3)
+    unet = diffusers.UNet2DConditionModel(**{**dict(base.unet.config), "in_channels": in_channels}).eval()
+    return diffusers.StableDiffusionXLInpaintPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, text_encoder_2=base.text_encoder_2,
+        tokenizer_2=base.tokenizer_2, unet=unet, scheduler=base.scheduler, requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )

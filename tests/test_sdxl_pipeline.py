@@ -198,3 +198,44 @@ def test_cli_refiner_handoff_and_its_replay(sdxl, refiner, tmp_path):
         assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(direct.images[0]))
     assert cli_main(["generate", "--from", str(first), "--no-progress", "-o", str(second)]) == 0
     assert second.read_bytes() == first.read_bytes()
+
+
+@pytest.mark.parametrize("sampler, strength", [("ddim", 1.0), ("euler_a", 0.7), ("dpmpp_2m", 1.0)])
+def test_nine_channel_inpaint_matches_diffusers(tmp_path, sampler, strength):
+    from PIL import Image
+
+    from builders import tiny_sdxl_inpaint_pipeline
+
+    reference = tiny_sdxl_inpaint_pipeline(in_channels=9)
+    reference.set_progress_bar_config(disable=True)
+    ours = latentloom.load_pipeline(save_sd_folder(reference, tmp_path / "inpaint"), device="cpu",
+                                    dtype=torch.float32)
+    use_scheduler(reference, sampler)
+    mask = np.zeros((16, 24), np.uint8)
+    mask[4:12, 6:20] = 255
+    args = dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0,
+                strength=strength, crops_coords_top_left=(0, 8))
+    image, mask = picture(16, 24, seed=3), Image.fromarray(mask)
+    expected = reference(image=image, mask_image=mask, height=16, width=24, output_type="np",
+                         generator=torch.Generator().manual_seed(6), **args).images
+    got = ours.inpaint(image=image, mask_image=mask, paste_back=False, sampler=sampler, output_type="np",
+                       generator=torch.Generator().manual_seed(6), progress=False, **args).images
+    diff = np.abs(got - expected)
+    print(f"sdxl inpaint {sampler} strength {strength}: mean abs diff {diff.mean():.1e}, max {diff.max():.1e}")
+    assert diff.mean() <= 1e-3 and diff.max() <= 1e-4
+
+
+def test_four_channel_sdxl_inpaint_keeps_the_known_region(sdxl):
+    """Any SDXL model inpaints through the blend wrapper (not diffusers' 4-channel re-noising loop, so not
+    diffusers' image): outside the mask the original pixels, inside a new painting."""
+    from PIL import Image
+
+    _, ours = sdxl
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    image = picture(16, 16, seed=4)
+    out = ours.inpaint("a red circle", image=image, mask_image=Image.fromarray(mask), seed=1, num_inference_steps=4,
+                       original_size=(32, 32), progress=False).images[0]
+    before, after = np.asarray(image), np.asarray(out)
+    assert np.array_equal(after[mask == 0], before[mask == 0])
+    assert np.abs(after[mask > 0].astype(int) - before[mask > 0]).mean() > 5
