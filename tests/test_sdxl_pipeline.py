@@ -239,3 +239,41 @@ def test_four_channel_sdxl_inpaint_keeps_the_known_region(sdxl):
     before, after = np.asarray(image), np.asarray(out)
     assert np.array_equal(after[mask == 0], before[mask == 0])
     assert np.abs(after[mask > 0].astype(int) - before[mask > 0]).mean() > 5
+
+
+def test_kohya_sdxl_lora_merges_into_the_unet_and_both_text_encoders(tmp_path):
+    """An SDXL LoRA in Kohya form (lora_unet_*, lora_te1_*, lora_te2_*) made from known deltas: every key is
+    applied and each weight becomes W + scale * alpha / rank * up @ down."""
+    from safetensors.torch import save_file
+
+    reference = tiny_sdxl_pipeline(seed=1)
+    ours = latentloom.load_pipeline(save_sd_folder(reference, tmp_path / "sdxl"), device="cpu", dtype=torch.float32)
+    targets = {
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k": (
+            ours.unet, "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (
+            ours.text_encoder.encoder_1.model, "text_model.encoder.layers.0.self_attn.q_proj"),
+        "lora_te2_text_model_encoder_layers_1_mlp_fc1": (
+            ours.text_encoder.encoder_2.model, "text_model.encoder.layers.1.mlp.fc1"),
+    }
+    g = torch.Generator().manual_seed(0)
+    tensors, expected = {}, {}
+    rank, alpha, scale = 2, 1.0, 0.5
+    def module(model, name):  # transformers 5 drops the text_model. prefix of CLIPTextModel's modules
+        modules = dict(model.named_modules())
+        return modules.get(name) or modules[name.removeprefix("text_model.")]
+
+    for key, (model, name) in targets.items():
+        weight = module(model, name).weight
+        down, up = torch.randn(rank, weight.shape[1], generator=g), torch.randn(weight.shape[0], rank, generator=g)
+        tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                        f"{key}.alpha": torch.tensor(alpha)})
+        expected[key] = weight.detach().clone() + scale * alpha / rank * (up @ down)
+    path = tmp_path / "sdxl_lora.safetensors"
+    save_file(tensors, str(path))
+    before = ours.text_encoder.encode(["a red circle"]).hidden.clone()
+    report = ours.load_lora(path, scale=scale)
+    assert report.applied_keys == report.total_keys == 9 and not report.unmatched
+    for key, (model, name) in targets.items():
+        torch.testing.assert_close(module(model, name).weight, expected[key], rtol=0, atol=1e-6)
+    assert not torch.equal(ours.text_encoder.encode(["a red circle"]).hidden, before)  # no stale cache

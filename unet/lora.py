@@ -111,9 +111,11 @@ def _parse(key: str) -> tuple[str, str] | None:
 
 
 def _target(module_key: str) -> tuple[str, str]:
-    """Split off the model prefix: ("unet" | "text_encoder", rest)."""
+    """Split off the model prefix: ("unet" | "text_encoder" | "text_encoder_2", rest); SDXL files name its
+    two text encoders te1 / te2 (Kohya) or text_encoder / text_encoder_2 (diffusers)."""
     for prefix, target in (("lora_unet_", "unet"), ("unet.", "unet"), ("lora_te1_", "text_encoder"),
-                           ("lora_te_", "text_encoder"), ("text_encoder.", "text_encoder")):
+                           ("lora_te2_", "text_encoder_2"), ("lora_te_", "text_encoder"),
+                           ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder")):
         if module_key.startswith(prefix):
             return target, module_key[len(prefix):]
     return "unet", module_key  # bare diffusers names are UNet names
@@ -164,19 +166,25 @@ def load_lora(
         groups.setdefault((target, name), {"keys": []})[part] = value
         groups[(target, name)]["keys"].append(key)
 
-    models = {"unet": unet, "text_encoder": text_encoder}
+    models: dict[str, nn.Module] = {"unet": unet}
     indexes = {"unet": _module_index(unet, ldm_names=_ldm_module_names(unet))}
-    if text_encoder is not None:
-        # Kohya spells CLIP's modules from text_model... ; a wrapper may hold the HF model as .model
-        inner = getattr(text_encoder, "model", text_encoder)
-        indexes["text_encoder"] = _module_index(inner, prefix="text_model.")
-        models["text_encoder"] = inner
+    # an SDXL pair (encoder_1 may be None: the refiner) or one encoder; a wrapper holds the HF model as .model
+    if hasattr(text_encoder, "encoder_2"):
+        encoders = {"text_encoder": text_encoder.encoder_1, "text_encoder_2": text_encoder.encoder_2}
+    else:
+        encoders = {"text_encoder": text_encoder}
+    for target, encoder in encoders.items():
+        if encoder is not None:
+            inner = getattr(encoder, "model", encoder)
+            indexes[target] = _module_index(inner, prefix="text_model.")  # Kohya spells text_model...
+            models[target] = inner
     applied, modules = 0, []
     for (target, name), group in groups.items():
         keys = group["keys"]
         if target not in indexes:
             for k in keys:
-                unmatched[k] = "a text-encoder LoRA key, but no text_encoder was given"
+                unmatched[k] = ("a text-encoder LoRA key, but no text_encoder was given" if target == "text_encoder"
+                                else f"a {target} LoRA key, but this model has no {target}")
             continue
         real = indexes[target].get(name)
         if real is None:
