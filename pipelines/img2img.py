@@ -14,7 +14,7 @@ from latentloom.pipelines.image_input import (
     to_model_range,
 )
 from latentloom.pipelines.handoff import check_fraction, cut_start, from_handoff
-from latentloom.pipelines.micro_conditioning import parse_micro
+from latentloom.pipelines.micro_conditioning import micro_values, parse_micro
 from latentloom.pipelines.output import PipelineOutput, latents_to_output
 from latentloom.samplers.forward import add_noise
 from latentloom.samplers.noise import final_latents, randn, sigmas_for_strength
@@ -82,11 +82,7 @@ def image_to_image(
     else:
         pixels = per_prompt_images(images_to_tensor(image), len(call.prompts))  # (n, 3, H, W) in [0, 1]
         height, width = check_image_size(pipe, pixels)
-    call.micro = parse_micro(pipe, height=height, width=width, values=dict(
-        original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
-        negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
-        negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
-        negative_aesthetic_score=negative_aesthetic_score))
+    call.micro = parse_micro(pipe, height=height, width=width, values=micro_values(locals()))
     denoiser = guided_denoiser(pipe, call)
     if denoising_start is not None:
         sigmas = cut_start(pipe, call, call_sigmas(pipe, call), denoising_start)

@@ -23,7 +23,7 @@ from latentloom.pipelines.image_input import (
     to_model_range,
 )
 from latentloom.pipelines.img2img import check_strength
-from latentloom.pipelines.micro_conditioning import parse_micro
+from latentloom.pipelines.micro_conditioning import micro_values, parse_micro
 from latentloom.pipelines.masks import (
     binarize, check_mask_size, dilated_latent_mask, feathered, mask_to_tensor, nearest_latent_mask, paste_onto,
 )
@@ -95,11 +95,7 @@ def inpaint(
     mask = per_prompt_images(mask_to_tensor(mask_image), len(call.prompts), name="mask_image")  # (m, 1, H, W)
     check_mask_size(mask, pixels)
     height, width = check_image_size(pipe, pixels)
-    call.micro = parse_micro(pipe, height=height, width=width, values=dict(
-        original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
-        negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
-        negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
-        negative_aesthetic_score=negative_aesthetic_score))
+    call.micro = parse_micro(pipe, height=height, width=width, values=micro_values(locals()))
     sigmas = sigmas_for_strength(call_sigmas(pipe, call), strength, sampler=call.sampler)
 
     device, batch, gen = pipe.device, call.batch, call.generator

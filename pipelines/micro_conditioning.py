@@ -47,6 +47,11 @@ class MicroConditioning:
                 if k != "refiner" and k not in skip}
 
 
+def micro_values(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The micro-conditioning among a pipeline call's arguments (its `locals()`), by their diffusers names."""
+    return {name: arguments[name] for name in ARGUMENTS}
+
+
 def vector_numbers(unet, pooled_size: int) -> int | None:
     """How many micro-conditioning numbers this UNet's y holds (None: it has no y)."""
     cfg = unet.config

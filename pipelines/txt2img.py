@@ -10,7 +10,7 @@ from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sam
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.output import latents_to_output
 from latentloom.pipelines.handoff import check_fraction, cut_end, to_handoff
-from latentloom.pipelines.micro_conditioning import parse_micro
+from latentloom.pipelines.micro_conditioning import micro_values, parse_micro
 from latentloom.pipelines.output import PipelineOutput
 from latentloom.samplers.noise import final_latents, initial_latents, randn
 
@@ -77,11 +77,7 @@ def text_to_image(
                       scheduler_config=scheduler_config, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
     d = pipe.defaults
     height, width = check_size(pipe, d.height if height is None else height, d.width if width is None else width)
-    call.micro = parse_micro(pipe, height=height, width=width, values=dict(
-        original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
-        negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
-        negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
-        negative_aesthetic_score=negative_aesthetic_score))
+    call.micro = parse_micro(pipe, height=height, width=width, values=micro_values(locals()))
     if clip_guidance_scale is None:  # the model's default; 0 unless it ships an image-text model
         clip_guidance_scale = d.clip_guidance_scale if pipe.clip_model is not None else 0.0
     clip_scale = check_float(clip_guidance_scale, "clip_guidance_scale", low=0.0)
