@@ -93,9 +93,13 @@ def _build(path: Path, state: dict[str, torch.Tensor], *, tokenizer, prediction_
     if not unet_state:
         raise ValueError(f"{path} holds no Stable Diffusion UNet (no '{UNET_PREFIX}*' keys)")
     unet = UNet.from_ldm_state_dict(unet_state, config=unet_config)
-    sd2 = any(k.startswith(SD2_TEXT_PREFIX) for k in state)
     vae = _vae_from_state(state, path)
-    text_model = _sd2_text_model(state, path) if sd2 else _sd1_text_model(state, path)
+    from latentloom.pipelines.single_file_sdxl import build_sdxl, is_sdxl_checkpoint
+
+    if is_sdxl_checkpoint(state):
+        return build_sdxl(path, state, unet, vae, tokenizer=tokenizer)
+    sd2 = any(k.startswith(SD2_TEXT_PREFIX) for k in state)
+    text_model = open_clip_text_model(state, path) if sd2 else clip_l_text_model(state, path)
     encoder = _encoder(text_model, _tokenizer(tokenizer, path, sd2=sd2, vocab_size=text_model.config.vocab_size))
     if prediction_type is None:
         prediction_type = "epsilon"
@@ -141,14 +145,15 @@ def _largest_divisor(width: int) -> int:
     return max(g for g in (32, 16, 8, 4, 2, 1) if width % g == 0)
 
 
-def _sd1_text_model(state: dict[str, torch.Tensor], path: Path):
-    """CLIP ViT-L/14's text tower (transformers layout already, under a prefix)."""
+def clip_l_text_model(state: dict[str, torch.Tensor], path: Path, *, prefix: str = None,
+                      token_ids: dict[str, int] | None = None):
+    """CLIP ViT-L/14's text tower (transformers layout already, under `prefix`: SD 1.x's by default)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    text = {k.removeprefix(SD1_TEXT_PREFIX).removeprefix("text_model."): v
-            for k, v in state.items() if k.startswith(SD1_TEXT_PREFIX)}
+    prefix = prefix or SD1_TEXT_PREFIX
+    text = {k.removeprefix(prefix).removeprefix("text_model."): v for k, v in state.items() if k.startswith(prefix)}
     if not text:
-        raise ValueError(f"{path} holds no text encoder ('{SD1_TEXT_PREFIX}*' or '{SD2_TEXT_PREFIX}*' keys)")
+        raise ValueError(f"{path} holds no text encoder ('{prefix}*' or '{SD2_TEXT_PREFIX}*' keys)")
     tokens = text["embeddings.token_embedding.weight"]
     hidden = int(tokens.shape[1])
     layers = 1 + max(int(k.split(".")[2]) for k in text if k.startswith("encoder.layers."))
@@ -157,7 +162,7 @@ def _sd1_text_model(state: dict[str, torch.Tensor], path: Path):
         num_attention_heads=max(1, hidden // 64),
         intermediate_size=int(text["encoder.layers.0.mlp.fc1.weight"].shape[0]),
         max_position_embeddings=int(text["embeddings.position_embedding.weight"].shape[0]),
-        hidden_act="quick_gelu",
+        hidden_act="quick_gelu", **(token_ids or {}),
     )
     model = CLIPTextModel(config)
     text.pop("embeddings.position_ids", None)  # a buffer some files carry
@@ -165,28 +170,41 @@ def _sd1_text_model(state: dict[str, torch.Tensor], path: Path):
     return model.eval()
 
 
-def _sd2_text_model(state: dict[str, torch.Tensor], path: Path):
-    """OpenCLIP ViT-H/14's text tower, as diffusers builds it for SD 2.x: the penultimate layer
-    (the last of the 24 is dropped) followed by the final layer norm."""
-    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel
+def open_clip_text_model(state: dict[str, torch.Tensor], path: Path, *, prefix: str = None,
+                         projection: bool = False, token_ids: dict[str, int] | None = None):
+    """An OpenCLIP text tower (resblocks with in_proj) as a transformers CLIP model.
 
-    prefix = SD2_TEXT_PREFIX
+    SD 2.x (default): ViT-H/14 as diffusers builds it, the penultimate layer (the last of the 24
+    is dropped) followed by the final layer norm. projection=True (SDXL's bigG): every layer kept and
+    the text projection too, as a CLIPTextModelWithProjection. token_ids: bos / eos / pad ids of its
+    tokenizer (the pooled output is read at the end token), when they are not CLIP's."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    prefix = prefix or SD2_TEXT_PREFIX
     tokens = state[prefix + "token_embedding.weight"]
     hidden = int(tokens.shape[1])
-    blocks = 1 + max(int(k.split(".")[4]) for k in state if k.startswith(prefix + "transformer.resblocks."))
+    blocks_prefix = prefix + "transformer.resblocks."
+    blocks = 1 + max(int(k[len(blocks_prefix):].split(".")[0]) for k in state if k.startswith(blocks_prefix))
+    layers = blocks if projection else blocks - 1
     config = CLIPTextConfig(
-        vocab_size=int(tokens.shape[0]), hidden_size=hidden, num_hidden_layers=blocks - 1,
+        vocab_size=int(tokens.shape[0]), hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=max(1, hidden // 64),
         intermediate_size=int(state[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
         max_position_embeddings=int(state[prefix + "positional_embedding"].shape[0]), hidden_act="gelu",
+        **({"projection_dim": int(state[prefix + "text_projection"].shape[1])} if projection else {}),
+        **(token_ids or {}),
     )
-    model = CLIPTextModel(config)
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
     last = f"{prefix}transformer.resblocks.{blocks - 1}."
-    kept = {k: v for k, v in state.items() if not k.startswith(last) and k != prefix + "text_projection"}
+    kept = {k: v for k, v in state.items() if k.startswith(prefix)
+            and (projection or (not k.startswith(last) and k != prefix + "text_projection"))}
     converted = convert_open_clip_checkpoint(model, kept, prefix=prefix)
-    converted = {k.removeprefix("text_model."): v for k, v in converted.items() if k.startswith("text_model.")}
-    _load_exact(model, _fit_prefix(converted, model), path, "text encoder")
+    text = {k.removeprefix("text_model."): v for k, v in converted.items() if k.startswith("text_model.")}
+    weights = _fit_prefix(text, model)
+    if projection:  # (proj, width): diffusers' converter has transposed OpenCLIP's (width, proj)
+        weights["text_projection.weight"] = converted["text_projection.weight"]
+    _load_exact(model, weights, path, "text encoder")
     return model.eval()
 
 

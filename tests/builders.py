@@ -192,17 +192,21 @@ def tiny_sd2_pipeline(seed: int = 0, *, in_channels: int = 4):
     )
 
 
-def _open_clip_state(text_model, skipped_block) -> dict:
-    """transformers CLIP text weights -> OpenCLIP's `cond_stage_model.model.*` layout of SD 2.x files,
-    plus `skipped_block`'s weights as the last block (SD 2 reads the penultimate layer)."""
+def _open_clip_state(text_model, skipped_block=None, *, prefix: str = "cond_stage_model.model.") -> dict:
+    """transformers CLIP text weights -> OpenCLIP's layout (SD 2.x files: `cond_stage_model.model.*`),
+    plus `skipped_block`'s weights as a last block (SD 2 reads the penultimate layer). A model with a text
+    projection (SDXL's bigG) gives it transposed, as OpenCLIP stores it."""
     own = {k.removeprefix("text_model."): v for k, v in text_model.state_dict().items()}
-    last = {k.removeprefix("text_model."): v for k, v in skipped_block.state_dict().items()}
+    last = {} if skipped_block is None else {k.removeprefix("text_model."): v
+                                             for k, v in skipped_block.state_dict().items()}
     layers = text_model.config.num_hidden_layers
+    projection = own.pop("text_projection.weight", None)
     out = {"token_embedding.weight": own["embeddings.token_embedding.weight"],
            "positional_embedding": own["embeddings.position_embedding.weight"],
            "ln_final.weight": own["final_layer_norm.weight"], "ln_final.bias": own["final_layer_norm.bias"],
-           "text_projection": torch.randn(text_model.config.hidden_size, text_model.config.hidden_size)}
-    for i in range(layers + 1):
+           "text_projection": (projection.T.contiguous() if projection is not None
+                               else torch.randn(text_model.config.hidden_size, text_model.config.hidden_size))}
+    for i in range(layers + (0 if skipped_block is None else 1)):
         src, j = (own, i) if i < layers else (last, 0)
         a, b = f"encoder.layers.{j}.", f"transformer.resblocks.{i}."
         for theirs, ours in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
@@ -211,7 +215,7 @@ def _open_clip_state(text_model, skipped_block) -> dict:
                 out[f"{b}{ours}.{p}"] = src[f"{a}{theirs}.{p}"]
         for p in ("weight", "bias"):
             out[f"{b}attn.in_proj_{p}"] = torch.cat([src[f"{a}self_attn.{n}_proj.{p}"] for n in "qkv"])
-    return {f"cond_stage_model.model.{k}": v for k, v in out.items()}
+    return {f"{prefix}{k}": v for k, v in out.items()}
 
 
 def to_sd2_single_file(pipe, path: Path) -> Path:
@@ -228,15 +232,17 @@ def to_sd2_single_file(pipe, path: Path) -> Path:
 
 def sdxl_text_encoders(seed: int = 0, hidden_size: int = 32, projection_dim: int = 32):
     """Tiny SDXL pair: a CLIPTextModel and a CLIPTextModelWithProjection, with their tokenizers (the
-    second pads with "!", as OpenCLIP bigG's does)."""
+    second pads with "!", as OpenCLIP bigG's does). hidden_size >= 64 gives SD's 64-wide heads, as
+    single files assume."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    first = clip_text_model(seed, hidden_size)
+    heads = hidden_size // 64 if hidden_size >= 64 else 4
+    first = clip_text_model(seed, hidden_size, heads)
     torch.manual_seed(seed + 1)
     vocab_size = len(json.loads((DATA / "clip_vocab.json").read_text()))
     config = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        num_attention_heads=heads, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=2,
         hidden_act="gelu", projection_dim=projection_dim,
     )
     second = CLIPTextModelWithProjection(config).eval()
@@ -245,24 +251,26 @@ def sdxl_text_encoders(seed: int = 0, hidden_size: int = 32, projection_dim: int
     return first, clip_tokenizer(), second, tokenizer_2
 
 
-def tiny_sdxl_pipeline(seed: int = 0, *, scheduler: str = "ddim", force_zeros: bool = True):
+def tiny_sdxl_pipeline(seed: int = 0, *, scheduler: str = "ddim", force_zeros: bool = True, text_hidden: int = 32):
     """A diffusers StableDiffusionXLPipeline from tiny parts: the SDXL text encoder pair (32 + 32 wide,
     pooled 32), a UNet with SDXL's vector conditioning (pooled + 6 numbers x 8) and the tiny VAE."""
     import diffusers
 
-    first, tok, second, tok2 = sdxl_text_encoders(seed)
+    first, tok, second, tok2 = sdxl_text_encoders(seed, text_hidden, text_hidden)
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(
         sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=2, transformer_layers_per_block=(1, 2), cross_attention_dim=64,
+        attention_head_dim=2, transformer_layers_per_block=(1, 2), cross_attention_dim=2 * text_hidden,
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,
+        projection_class_embeddings_input_dim=text_hidden + 6 * 8,
     ).eval()
+    vae = tiny_vae(seed)
+    vae.register_to_config(scaling_factor=0.13025)  # SDXL's VAE scaling, which single files assume
     cls_name, extra = DIFFUSERS_SCHEDULERS[scheduler]
     sched = getattr(diffusers, cls_name)(**SD_SCHEDULER, **extra)
     return diffusers.StableDiffusionXLPipeline(
-        vae=tiny_vae(seed), text_encoder=first, tokenizer=tok, text_encoder_2=second, tokenizer_2=tok2, unet=unet,
+        vae=vae, text_encoder=first, tokenizer=tok, text_encoder_2=second, tokenizer_2=tok2, unet=unet,
         scheduler=sched, force_zeros_for_empty_prompt=force_zeros, add_watermarker=False,
     )
 
@@ -301,3 +309,16 @@ def tiny_sdxl_inpaint_pipeline(seed: int = 0, *, in_channels: int = 9):
         tokenizer_2=base.tokenizer_2, unet=unet, scheduler=base.scheduler, requires_aesthetics_score=False,
         force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
+
+
+def to_sdxl_single_file(pipe, path: Path) -> Path:
+    """Write a diffusers SDXL pipeline as an original single-file checkpoint (sgm's conditioner keys)."""
+    from safetensors.torch import load_file, save_file
+
+    to_single_file(pipe, path)  # UNet and VAE in LDM names, CLIP-L under the SD 1.x prefix
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("cond_stage_model.")}
+    text = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}
+    state.update({f"conditioner.embedders.0.transformer.text_model.{k}": v for k, v in text.items()})
+    state.update(_open_clip_state(pipe.text_encoder_2, prefix="conditioner.embedders.1.model."))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path

@@ -277,3 +277,31 @@ def test_kohya_sdxl_lora_merges_into_the_unet_and_both_text_encoders(tmp_path):
     for key, (model, name) in targets.items():
         torch.testing.assert_close(module(model, name).weight, expected[key], rtol=0, atol=1e-6)
     assert not torch.equal(ours.text_encoder.encode(["a red circle"]).hidden, before)  # no stale cache
+
+
+def test_single_file_sdxl_gives_the_folders_images(tmp_path):
+    """An original single-file SDXL checkpoint (sgm's conditioner.embedders keys) made from a folder's weights
+    loads into the same model and makes the same images; its tokenizers come from tokenizer=<SDXL folder>."""
+    from builders import to_sdxl_single_file
+    from latentloom.unet import UNetConfig
+
+    reference = tiny_sdxl_pipeline(seed=2, text_hidden=64)
+    folder = save_sd_folder(reference, tmp_path / "folder")
+    path = to_sdxl_single_file(reference, tmp_path / "sdxl.safetensors")
+    from_folder = latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
+    from_file = latentloom.load_pipeline(path, device="cpu", dtype=torch.float32, tokenizer=folder,
+                                         unet_config=UNetConfig.from_diffusers_config(dict(reference.unet.config)))
+    assert from_file.text_encoder.force_zeros_for_empty_prompt and from_file.vae.config.scaling_factor == 0.13025
+    assert (from_file.defaults.height, from_file.defaults.width) == (1024, 1024)
+    for a, b in ((from_file.text_encoder.encoder_1.model, from_folder.text_encoder.encoder_1.model),
+                 (from_file.text_encoder.encoder_2.model, from_folder.text_encoder.encoder_2.model)):
+        theirs = b.state_dict()
+        for key, value in a.state_dict().items():
+            assert torch.equal(value, theirs[key]), key
+    args = dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0,
+                height=16, width=16, sampler="euler_a", output_type="np", progress=False, original_size=(64, 64))
+    got = from_file(**args, generator=torch.Generator().manual_seed(1)).images
+    expected = from_folder(**args, generator=torch.Generator().manual_seed(1)).images
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="does not contain its tokenizers"):
+        latentloom.load_pipeline(path, device="cpu", unet_config=from_file.unet.config)
