@@ -32,7 +32,7 @@ def is_sdxl_checkpoint(state: dict[str, torch.Tensor]) -> bool:
 def build_sdxl(path: Path, state: dict[str, torch.Tensor], unet, vae, *, tokenizer) -> Pipeline:
     """The SDXL pipeline of a single file whose UNet and VAE are built; `tokenizer`: a folder holding
     tokenizer/ and tokenizer_2/ (a diffusers SDXL folder), or tokenizer_2/ alone for the refiner."""
-    from latentloom.pipelines.single_file import clip_l_text_model, open_clip_text_model
+    from latentloom.pipelines.single_file_text import clip_l_text_model, open_clip_text_model
     from latentloom.samplers.schedules import ScheduleConfig
     from latentloom.text_encoders.clip import CLIPEncoder
     from latentloom.text_encoders.sdxl import SDXL_CLIP_SKIP, SDXL_FINAL_LAYER_NORM, SDXLTextEncoders
