@@ -51,6 +51,26 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# SDXL's second prompts and micro-conditioning (pipeline arguments, recorded in recipes)
+SDXL_NAMES = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
+              "negative_original_size", "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
+              "negative_aesthetic_score")
+
+
+def add_sdxl_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--prompt-2 / --negative-prompt-2 and the micro-conditioning, for SDXL models (others refuse them)."""
+    group = parser.add_argument_group("SDXL")
+    group.add_argument("--prompt-2", default=None, help="the prompt for the second text encoder (default: PROMPT)")
+    group.add_argument("--negative-prompt-2", default=None)
+    for name, meaning in (("original-size", "H W"), ("crops-coords-top-left", "TOP LEFT"), ("target-size", "H W")):
+        group.add_argument(f"--{name}", type=int, nargs=2, default=None, metavar=tuple(meaning.split()),
+                           help="micro-conditioning (default: the output size; crops 0 0)")
+        group.add_argument(f"--negative-{name}", type=int, nargs=2, default=None, metavar=tuple(meaning.split()))
+    group.add_argument("--aesthetic-score", type=float, default=None, help="refiners: the score asked for (default 6)")
+    group.add_argument("--negative-aesthetic-score", type=float, default=None, help="refiners (default 2.5)")
+    return group
+
+
 def call_kwargs(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
     """The pipeline keyword arguments the user set (None means: the model's default)."""
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}

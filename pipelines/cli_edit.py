@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 
 from latentloom.pipelines.cli_common import (
-    BUNDLED, SAMPLING_NAMES, add_model_arguments, add_sampling_arguments, call_kwargs, fail, load, report_saved,
+    BUNDLED, SAMPLING_NAMES, SDXL_NAMES, add_model_arguments, add_sampling_arguments, add_sdxl_arguments, call_kwargs,
+    fail, load, report_saved,
 )
 
 _NAMES = tuple(n for n in SAMPLING_NAMES if n != "clip_guidance_scale")  # CLIP guidance: generate only
@@ -21,9 +22,11 @@ def _parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _finish(parser: argparse.ArgumentParser, run, *, model: str = BUNDLED) -> None:
+def _finish(parser: argparse.ArgumentParser, run, *, model: str = BUNDLED, sdxl: bool = True) -> None:
     add_model_arguments(parser, default=model)
     add_sampling_arguments(parser)
+    if sdxl:  # img2img and inpaint take SDXL models' options; the upscaler has none
+        add_sdxl_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -50,7 +53,7 @@ def register_upscale(subparsers) -> None:
     parser = _parser(subparsers, "upscale", "enlarge an image with an x4-upscaler-style model")
     parser.add_argument("--noise-level", type=int, default=20,
                         help="noise added to the low-res image before the model sees it (default 20)")
-    _finish(parser, run_upscale, model="bundled:upscaler")
+    _finish(parser, run_upscale, model="bundled:upscaler", sdxl=False)
 
 
 def _open(path: str, what: str):
@@ -70,7 +73,7 @@ def _run(args: argparse.Namespace, method: str, **task: object) -> int:
     if args.clip_guidance_scale:
         return fail(f"--clip-guidance is available for generate only, not {method}")
     try:
-        kwargs = {**call_kwargs(args, _NAMES), **task, "image": _open(args.image, "image")}
+        kwargs = {**call_kwargs(args, _NAMES + SDXL_NAMES), **task, "image": _open(args.image, "image")}
         if "mask_image" in kwargs:
             kwargs["mask_image"] = _open(kwargs["mask_image"], "mask")
         pipe = load(args)

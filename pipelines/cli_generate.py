@@ -6,16 +6,13 @@ import argparse
 from pathlib import Path
 
 from latentloom.pipelines.cli_common import (
-    SAMPLING_NAMES, add_model_arguments, add_sampling_arguments, call_kwargs, fail, load, load_model, report_saved,
+    SAMPLING_NAMES, SDXL_NAMES, add_model_arguments, add_sampling_arguments, add_sdxl_arguments, call_kwargs, fail,
+    load, load_model, report_saved,
 )
 
 # --vae-tiling choice -> the pipeline's vae_tiling argument
 VAE_TILING = {"auto": None, "on": True, "off": False}
 
-# SDXL's second prompts and micro-conditioning (txt2img arguments, recorded in its recipes)
-SDXL_NAMES = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
-              "negative_original_size", "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
-              "negative_aesthetic_score")
 # recipe keys that `--from` passes back to the pipeline call
 _REPLAYED = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "guidance_rescale", "sampler",
              "karras_sigmas", "seed", "clip_guidance_scale", "height", "width", "vae_tiling", "scheduler_config",
@@ -45,13 +42,7 @@ def register(subparsers) -> None:
                         help="with --prompts: make every image again, even where DIR holds it (or holds one "
                              "made with other options)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
-    sdxl = parser.add_argument_group("SDXL")
-    sdxl.add_argument("--prompt-2", default=None, help="the prompt for the second text encoder (default: PROMPT)")
-    sdxl.add_argument("--negative-prompt-2", default=None)
-    for name, meaning in (("original-size", "H W"), ("crops-coords-top-left", "TOP LEFT"), ("target-size", "H W")):
-        sdxl.add_argument(f"--{name}", type=int, nargs=2, default=None, metavar=tuple(meaning.split()),
-                          help="micro-conditioning (default: the output size; crops 0 0)")
-        sdxl.add_argument(f"--negative-{name}", type=int, nargs=2, default=None, metavar=tuple(meaning.split()))
+    sdxl = add_sdxl_arguments(parser)
     sdxl.add_argument("--refiner", default=None, metavar="MODEL",
                       help="hand the last part of the schedule to this refiner (SDXL's ensemble of experts)")
     sdxl.add_argument("--refiner-start", type=float, default=None, metavar="F",

@@ -305,3 +305,23 @@ def test_single_file_sdxl_gives_the_folders_images(tmp_path):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="does not contain its tokenizers"):
         latentloom.load_pipeline(path, device="cpu", unet_config=from_file.unet.config)
+
+
+def test_cli_img2img_takes_the_sdxl_options(sdxl, tmp_path):
+    from latentloom.cli import main as cli_main
+    from latentloom.pipelines.metadata import read_metadata
+
+    _, ours = sdxl
+    picture(16, 16, seed=5).save(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    assert cli_main(["img2img", "a red circle", "--image", str(tmp_path / "in.png"), "--model", ours.name,
+                     "--prompt-2", "a watercolor", "--original-size", "64", "32", "--steps", "2", "--seed", "1",
+                     "--dtype", "fp32", "--no-progress", "-o", str(out)]) == 0
+    recipe = read_metadata(out)
+    assert recipe["prompt_2"] == "a watercolor" and recipe["original_size"] == [64, 32]
+    expected = ours.img2img("a red circle", image=picture(16, 16, seed=5), prompt_2="a watercolor",
+                            original_size=(64, 32), num_inference_steps=2, seed=1, progress=False).images[0]
+    from PIL import Image
+
+    with Image.open(out) as image:
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
