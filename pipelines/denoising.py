@@ -59,11 +59,13 @@ def text_conditions(pipe, prompts: list[str], negatives: list[str] | None, *, gu
     """Encode prompts (and negatives, when guidance needs them) into UNet keyword arguments; for SDXL
     also y, the pooled text with each branch's micro-conditioning numbers."""
     encoder = pipe.text_encoder
-    second = {"prompts_2": prompts_2, "negative_prompts_2": negatives_2} if micro is not None else {}
+    # only SDXL's encoder pair takes second prompts
+    second = {"prompts_2": prompts_2} if micro is not None else {}
     if guided:
-        cond_emb, uncond_emb = encoder.encode_pair(prompts, negatives, **second)
+        negative_second = {"negative_prompts_2": negatives_2} if micro is not None else {}
+        cond_emb, uncond_emb = encoder.encode_pair(prompts, negatives, **second, **negative_second)
     else:
-        cond_emb, uncond_emb = encoder.encode(prompts, *([prompts_2] if micro is not None else [])), None
+        cond_emb, uncond_emb = encoder.encode(prompts, **second), None
 
     def as_kwargs(emb, *, negative: bool) -> dict:
         kwargs = {"context": emb.hidden.to(pipe.device)}

@@ -9,10 +9,9 @@ are given; latentloom uses each one given.)
 """
 from __future__ import annotations
 
+import numbers as _numbers
 from dataclasses import asdict, dataclass
 from typing import Any
-
-import numbers as _numbers
 
 BASE_NUMBERS, REFINER_NUMBERS = 6, 5
 ARGUMENTS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
