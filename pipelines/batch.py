@@ -34,7 +34,13 @@ MANIFEST = "manifest.jsonl"
 COMPARED = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height", "width",
             "sampler")
 # options compared only when the command gives them (their defaults are resolved inside the pipeline)
-COMPARED_IF_GIVEN = ("guidance_rescale", "karras_sigmas", "clip_guidance_scale", "vae_tiling")
+COMPARED_IF_GIVEN = ("guidance_rescale", "karras_sigmas", "clip_guidance_scale", "vae_tiling", "prompt_2",
+                     "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
+                     "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
+                     "aesthetic_score", "negative_aesthetic_score")
+# recipes store sizes and coordinates as JSON lists; the command gives them as tuples or lists
+_AS_LISTS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+             "negative_crops_coords_top_left", "negative_target_size")
 
 
 @dataclass
@@ -106,8 +112,9 @@ def write_run_file(out: Path, values: dict[str, Any]) -> None:
     write_json_atomic(path, {**old, **values})
 
 
-def expected_recipe(pipe, job: Job, options: dict[str, Any]) -> dict[str, Any]:
-    """What the PNG of `job` must record, with the model's defaults where the command leaves a value out."""
+def expected_recipe(pipe, job: Job, options: dict[str, Any], refiner=None) -> dict[str, Any]:
+    """What the PNG of `job` must record, with the model's defaults where the command leaves a value out
+    (and, for a hand-off run, the refiner)."""
     d = pipe.defaults
     call = job.call
     expected = {
@@ -118,7 +125,11 @@ def expected_recipe(pipe, job: Job, options: dict[str, Any]) -> dict[str, Any]:
         "sampler": call.get("sampler") or d.sampler,
         "model": pipe.name, "model_hash": pipe.model_hash(), "dtype": str(pipe.dtype).removeprefix("torch."),
     }
-    expected.update({k: call[k] for k in COMPARED_IF_GIVEN if options.get(k) is not None})
+    expected.update({k: list(call[k]) if k in _AS_LISTS else call[k]
+                     for k in COMPARED_IF_GIVEN if call.get(k) is not None})
+    if refiner is not None:
+        expected.update({"refiner": refiner.name, "refiner_hash": refiner.model_hash(),
+                         "refiner_start": options.get("refiner_start", 0.8)})
     return expected
 
 
@@ -129,7 +140,8 @@ def first_difference(recipe: dict[str, Any], expected: dict[str, Any]) -> str | 
     return None
 
 
-def remaining_jobs(pipe, jobs: list[Job], out: Path, *, options: dict[str, Any], overwrite: bool) -> list[Job]:
+def remaining_jobs(pipe, jobs: list[Job], out: Path, *, options: dict[str, Any], overwrite: bool,
+                   refiner=None) -> list[Job]:
     """The jobs whose PNG is not there yet (all with overwrite); ValueError at the first existing PNG
     made with other options."""
     from latentloom.pipelines.metadata import read_metadata
@@ -147,7 +159,7 @@ def remaining_jobs(pipe, jobs: list[Job], out: Path, *, options: dict[str, Any],
         except ValueError as err:
             raise ValueError(f"{path} is in the way and is not an image of a run ({err}); move it, or pass "
                              "--overwrite") from None
-        difference = first_difference(recipe, expected_recipe(pipe, job, options))
+        difference = first_difference(recipe, expected_recipe(pipe, job, options, refiner))
         if difference:
             raise ValueError(f"{path} was made with other options ({difference}); use another --output-dir, "
                              "or pass --overwrite to redo the images")
@@ -164,16 +176,29 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def make_image(pipe, call: dict[str, Any], refiner=None):
+    """One job's image: the pipeline call, or the base-to-refiner hand-off when a refiner is given
+    (`call["refiner_start"]`, default 0.8, is where it takes over)."""
+    if refiner is None:
+        return pipe(**call, progress=False)
+    from latentloom.pipelines.handoff import generate_with_refiner
+
+    rest = {k: v for k, v in call.items() if k not in ("prompt", "seed", "refiner_start")}
+    return generate_with_refiner(pipe, refiner, call["prompt"], refiner_start=call.get("refiner_start", 0.8),
+                                 seed=call["seed"], progress=False, **rest)
+
+
 def generate_batch(pipe, jobs: list[Job], out: Path, *, state, progress: bool, options: dict[str, Any],
-                   overwrite: bool) -> dict[str, Any]:
-    """Make this process's share of the jobs left to do; rank 0 then writes DIR/manifest.jsonl.
-    Returns counts and the run's images/s (rank 0's view of all processes)."""
+                   overwrite: bool, refiner=None) -> dict[str, Any]:
+    """Make this process's share of the jobs left to do (through `refiner` too when given: the
+    hand-off); rank 0 then writes DIR/manifest.jsonl. Returns counts and the run's images/s (rank 0's
+    view of all processes)."""
     from tqdm.auto import tqdm
 
     from latentloom.file_io import write_atomic
 
     rank, world = state.process_index, state.num_processes
-    todo = remaining_jobs(pipe, jobs, out, options=options, overwrite=overwrite)
+    todo = remaining_jobs(pipe, jobs, out, options=options, overwrite=overwrite, refiner=refiner)
     state.wait_for_everyone()  # every process has checked the folder before anyone writes into it
     mine = todo[rank::world]
     manifest = out / f"manifest-rank{rank}.jsonl"
@@ -182,7 +207,7 @@ def generate_batch(pipe, jobs: list[Job], out: Path, *, state, progress: bool, o
     start = time.perf_counter()
     try:
         for job in mine:
-            result = pipe(**job.call, progress=False)
+            result = make_image(pipe, job.call, refiner)
             (path,) = result.save(out / job.file)
             line = {"line": job.entry.index, "file": job.file, "prompt": job.call["prompt"], "seed": job.call["seed"],
                     "sha256": sha256_of(path)}

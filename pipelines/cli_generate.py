@@ -162,18 +162,29 @@ def run_prompts_file(args: argparse.Namespace) -> int:
             batch.remove_stale_temporaries(out)
         state.wait_for_everyone()
         seed = batch.run_seed(out, args.seed, state)
-        options = call_kwargs(args, SAMPLING_NAMES + ("height", "width"))
+        options = {**call_kwargs(args, SAMPLING_NAMES + ("height", "width")), **call_kwargs(args, SDXL_NAMES)}
         options = {k: v for k, v in options.items() if k not in ("seed", "num_images_per_prompt")}
+        if args.refiner_start is not None:
+            if args.refiner is None:
+                raise ValueError("--refiner-start goes with --refiner MODEL")
+            options["refiner_start"] = args.refiner_start
         tiling = VAE_TILING[getattr(args, "vae_tiling", "auto")]
         if tiling is not None:
             options["vae_tiling"] = tiling
         jobs = batch.plan(entries, seed=seed, per_prompt=args.num_images_per_prompt, options=options)
         pipe = load_model(args, device=getattr(state, "device", None))
+        refiner = None
+        if args.refiner is not None:
+            from latentloom.pipelines.loading import load_pipeline
+
+            refiner = load_pipeline(args.refiner, device=args.device or getattr(state, "device", None),
+                                    dtype=args.dtype, tokenizer=args.tokenizer)
+            options["refiner"] = refiner.name
         if state.is_main_process:
             batch.write_run_file(out, {"seed": seed, "prompts": str(args.prompts), "num_images": args.num_images_per_prompt,
                                         "options": options, "model": pipe.name, "model_hash": pipe.model_hash()})
         batch.generate_batch(pipe, jobs, out, state=state, progress=not args.no_progress, options=options,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, refiner=refiner)
     except (ValueError, TypeError, OSError) as err:
         return fail(str(err))
     return 0

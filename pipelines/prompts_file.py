@@ -17,6 +17,8 @@ from typing import Any
 # key -> (accepted Python types, what the error message calls them)
 OVERRIDES: dict[str, tuple[tuple[type, ...], str]] = {
     "negative_prompt": ((str, type(None)), "a string or null"),
+    "prompt_2": ((str, type(None)), "a string or null (SDXL's second text encoder)"),
+    "negative_prompt_2": ((str, type(None)), "a string or null (SDXL's second text encoder)"),
     "seed": ((numbers.Integral,), "an integer >= 0"),
     "num_inference_steps": ((numbers.Integral,), "an integer >= 1"),
     "guidance_scale": ((numbers.Real,), "a number >= 0"),

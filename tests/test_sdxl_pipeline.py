@@ -325,3 +325,40 @@ def test_cli_img2img_takes_the_sdxl_options(sdxl, tmp_path):
 
     with Image.open(out) as image:
         assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
+
+
+def test_prompts_file_run_takes_the_sdxl_options_and_the_refiner(sdxl, refiner, tmp_path):
+    """`generate --prompts` passes --prompt-2, the micro-conditioning and --refiner to every image (a JSONL
+    line may set its own prompt_2), records them, and a rerun with other SDXL options is refused."""
+    import json
+
+    from PIL import Image
+
+    from latentloom.cli import main as cli_main
+    from latentloom.pipelines.handoff import generate_with_refiner
+    from latentloom.pipelines.metadata import read_metadata
+
+    _, base = sdxl
+    _, refiner_ours = refiner
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red circle"}) + "\n"
+                       + json.dumps({"prompt": "two blue stars", "prompt_2": "an oil painting"}) + "\n")
+    out = tmp_path / "run"
+    argv = ["generate", "--prompts", str(prompts), "--output-dir", str(out), "--model", base.name, "--refiner",
+            refiner_ours.name, "--refiner-start", "0.7", "--prompt-2", "a watercolor", "--original-size", "512", "384",
+            "--sampler", "euler_a", "--steps", "10", "--height", "16", "--width", "16", "--seed", "3", "--dtype",
+            "fp32", "--no-progress"]
+    assert cli_main(argv) == 0
+    for index, prompt_2 in ((0, "a watercolor"), (1, "an oil painting")):
+        recipe = read_metadata(out / f"{index:06d}.png")
+        assert recipe["prompt_2"] == prompt_2 and recipe["original_size"] == [512, 384]
+        assert recipe["refiner"] == refiner_ours.name and recipe["refiner_start"] == 0.7
+    direct = generate_with_refiner(base, refiner_ours, "two blue stars", refiner_start=0.7, seed=4, sampler="euler_a",
+                                   num_inference_steps=10, height=16, width=16, prompt_2="an oil painting",
+                                   original_size=(512, 384), progress=False)
+    with Image.open(out / "000001.png") as image:
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(direct.images[0]))
+    assert cli_main(argv) == 0  # a rerun keeps both images
+    changed = [a if a != "384" else "256" for a in argv]
+    assert cli_main(changed) == 2
+    assert cli_main([a for a in argv if a not in ("--refiner", refiner_ours.name)]) == 2  # refiner_start alone
