@@ -362,3 +362,27 @@ def test_prompts_file_run_takes_the_sdxl_options_and_the_refiner(sdxl, refiner, 
     changed = [a if a != "384" else "256" for a in argv]
     assert cli_main(changed) == 2
     assert cli_main([a for a in argv if a not in ("--refiner", refiner_ours.name)]) == 2  # refiner_start alone
+
+
+def test_fp16_keeps_an_upcast_sdxl_vae_in_fp32_and_reads_its_scaling_factor(tmp_path):
+    """SDXL's published VAE says force_upcast (its fp16 decode overflows): an fp16 pipeline keeps it in fp32,
+    as diffusers' upcast does, and bf16 (fp32's range) does not; the latents are scaled by its 0.13025."""
+    reference = tiny_sdxl_pipeline()
+    reference.set_progress_bar_config(disable=True)
+    reference.vae.register_to_config(force_upcast=True)
+    folder = save_sd_folder(reference, tmp_path / "sdxl")
+    half = latentloom.load_pipeline(folder, device="cpu", dtype="fp16")
+    assert next(half.unet.parameters()).dtype == torch.float16
+    assert next(half.vae.parameters()).dtype == torch.float32 and half.vae.config.scaling_factor == 0.13025
+    brain = latentloom.load_pipeline(folder, device="cpu", dtype="bf16")
+    assert next(brain.vae.parameters()).dtype == torch.bfloat16
+    use_scheduler(reference, "euler")
+    reference.to(torch.float16)
+    args = dict(prompt="a red circle", num_inference_steps=3, guidance_scale=5.0, height=16, width=16)
+    expected = reference(generator=torch.Generator().manual_seed(4), output_type="np", **args).images
+    assert next(reference.vae.parameters()).dtype == torch.float16  # diffusers casts it back after decoding
+    got = half(**args, sampler="euler", generator=torch.Generator().manual_seed(4), output_type="np",
+               progress=False).images
+    diff = np.abs(got - expected)
+    print(f"sdxl fp16: mean abs diff {diff.mean():.1e}, max {diff.max():.1e}")
+    assert np.isfinite(got).all() and diff.mean() <= 1e-3
