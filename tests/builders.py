@@ -275,33 +275,36 @@ def tiny_sdxl_pipeline(seed: int = 0, *, scheduler: str = "ddim", force_zeros: b
     )
 
 
-def tiny_sdxl_refiner(seed: int = 0, *, scheduler: str = "ddim"):
+def tiny_sdxl_refiner(seed: int = 0, *, scheduler: str = "ddim", text_hidden: int = 32):
     """A diffusers SDXL refiner (StableDiffusionXLImg2ImgPipeline, requires_aesthetics_score=True) from tiny
     parts: the second text encoder only (32 wide), a UNet reading pooled + 5 numbers (sizes, crop, score)."""
     import diffusers
 
-    _, _, second, tok2 = sdxl_text_encoders(seed)
+    _, _, second, tok2 = sdxl_text_encoders(seed, text_hidden, text_hidden)
     torch.manual_seed(seed + 2)
     unet = diffusers.UNet2DConditionModel(
         sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=2, cross_attention_dim=32, use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 5 * 8,
+        attention_head_dim=2, cross_attention_dim=text_hidden, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=text_hidden + 5 * 8,
     ).eval()
     cls_name, extra = DIFFUSERS_SCHEDULERS[scheduler]
+    vae = tiny_vae(seed)
+    vae.register_to_config(scaling_factor=0.13025)  # SDXL's VAE scaling, which single files assume
     return diffusers.StableDiffusionXLImg2ImgPipeline(
-        vae=tiny_vae(seed), text_encoder=None, tokenizer=None, text_encoder_2=second, tokenizer_2=tok2, unet=unet,
+        vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=second, tokenizer_2=tok2, unet=unet,
         scheduler=getattr(diffusers, cls_name)(**SD_SCHEDULER, **extra), requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False, add_watermarker=False,
     )
 
 
-def tiny_sdxl_inpaint_pipeline(seed: int = 0, *, in_channels: int = 9):
+def tiny_sdxl_inpaint_pipeline(seed: int = 0, *, in_channels: int = 9, text_hidden: int = 32):
     """diffusers' StableDiffusionXLInpaintPipeline on the tiny SDXL parts, its UNet with `in_channels`
     (9: latents + mask + masked-image latents; 4: any SDXL UNet)."""
     import diffusers
 
-    base = tiny_sdxl_pipeline(seed)
+    base = tiny_sdxl_pipeline(seed, text_hidden=text_hidden)
     torch.manual_seed(seed + 3)
     unet = diffusers.UNet2DConditionModel(**{**dict(base.unet.config), "in_channels": in_channels}).eval()
     return diffusers.StableDiffusionXLInpaintPipeline(
@@ -312,13 +315,22 @@ def tiny_sdxl_inpaint_pipeline(seed: int = 0, *, in_channels: int = 9):
 
 
 def to_sdxl_single_file(pipe, path: Path) -> Path:
-    """Write a diffusers SDXL pipeline as an original single-file checkpoint (sgm's conditioner keys)."""
-    from safetensors.torch import load_file, save_file
+    """Write a diffusers SDXL pipeline (base, refiner or inpainting) as an original single-file
+    checkpoint (sgm's conditioner keys)."""
+    from safetensors.torch import save_file
 
-    to_single_file(pipe, path)  # UNet and VAE in LDM names, CLIP-L under the SD 1.x prefix
-    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("cond_stage_model.")}
-    text = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}
-    state.update({f"conditioner.embedders.0.transformer.text_model.{k}": v for k, v in text.items()})
-    state.update(_open_clip_state(pipe.text_encoder_2, prefix="conditioner.embedders.1.model."))
+    from latentloom.unet import UNetConfig
+    from latentloom.unet.convert import diffusers_to_ldm
+
+    cfg = UNetConfig.from_diffusers_config(dict(pipe.unet.config))
+    state = {f"model.diffusion_model.{k}": v for k, v in diffusers_to_ldm(pipe.unet.state_dict(), cfg).items()}
+    state.update({f"first_stage_model.{k}": v for k, v in _vae_to_ldm(pipe.vae.state_dict()).items()})
+    bigg = "conditioner.embedders.1.model."
+    if pipe.text_encoder is None:  # the refiner: bigG alone, as the first embedder
+        bigg = "conditioner.embedders.0.model."
+    else:
+        text = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}
+        state.update({f"conditioner.embedders.0.transformer.text_model.{k}": v for k, v in text.items()})
+    state.update(_open_clip_state(pipe.text_encoder_2, prefix=bigg))
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path

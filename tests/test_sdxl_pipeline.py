@@ -386,3 +386,43 @@ def test_fp16_keeps_an_upcast_sdxl_vae_in_fp32_and_reads_its_scaling_factor(tmp_
     diff = np.abs(got - expected)
     print(f"sdxl fp16: mean abs diff {diff.mean():.1e}, max {diff.max():.1e}")
     assert np.isfinite(got).all() and diff.mean() <= 1e-3
+
+
+def test_single_file_refiner_and_inpainting_give_their_folders_images(tmp_path):
+    """Original single files of the refiner (bigG alone as conditioner.embedders.0, aesthetic scores) and of
+    9-channel SDXL inpainting, made from a folder's weights, make the folder's images. (Text towers 64 wide:
+    a single file's heads are inferred as width / 64, as in the releases.)"""
+    from PIL import Image
+
+    from builders import tiny_sdxl_inpaint_pipeline, to_sdxl_single_file
+    from latentloom.unet import UNetConfig
+
+    reference = tiny_sdxl_refiner(text_hidden=64)
+    folder = save_sd_folder(reference, tmp_path / "refiner")
+    from_folder = latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
+    path = to_sdxl_single_file(reference, tmp_path / "refiner.safetensors")
+    from_file = latentloom.load_pipeline(path, device="cpu", dtype=torch.float32, tokenizer=folder,
+                                         unet_config=UNetConfig.from_diffusers_config(dict(reference.unet.config)))
+    assert from_file.text_encoder.encoder_1 is None and not from_file.text_encoder.force_zeros_for_empty_prompt
+    args = dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0,
+                strength=0.5, sampler="euler", output_type="np", progress=False, aesthetic_score=7.0)
+    image = picture(16, 16, seed=2)
+    got = from_file.img2img(image=image, generator=torch.Generator().manual_seed(5), **args)
+    expected = from_folder.img2img(image=image, generator=torch.Generator().manual_seed(5), **args)
+    np.testing.assert_allclose(got.images, expected.images, rtol=0, atol=1e-5)
+    assert got.recipes[0]["aesthetic_score"] == 7.0
+
+    inpainting = tiny_sdxl_inpaint_pipeline(in_channels=9, text_hidden=64)
+    folder = save_sd_folder(inpainting, tmp_path / "inpaint")
+    path = to_sdxl_single_file(inpainting, tmp_path / "inpaint.safetensors")
+    from_folder = latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
+    from_file = latentloom.load_pipeline(path, device="cpu", dtype=torch.float32, tokenizer=folder,
+                                         unet_config=UNetConfig.from_diffusers_config(dict(inpainting.unet.config)))
+    assert from_file.unet.config.in_channels == 9
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 2:10] = 255
+    args = dict(prompt="a red circle", image=picture(16, 16, seed=3), mask_image=Image.fromarray(mask),
+                num_inference_steps=4, guidance_scale=5.0, sampler="dpmpp_2m", output_type="np", progress=False)
+    got = from_file.inpaint(generator=torch.Generator().manual_seed(2), **args).images
+    expected = from_folder.inpaint(generator=torch.Generator().manual_seed(2), **args).images
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
