@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from latentloom.pipelines.arguments import check_size
-from latentloom.vae.codec import encode_images
+from latentloom.vae.codec import encode_images, vae_scale_factor
 
 
 def images_to_tensor(image: Any, *, name: str = "image") -> torch.Tensor:
@@ -119,6 +119,23 @@ def encode_for_batch(vae, images: torch.Tensor, *, batch: int, generator: Any) -
     if isinstance(generator, (list, tuple)):
         generator = generator[0]
     return expand_to_batch(encode_images(vae, images, generator=generator).float(), batch)
+
+
+def draw_as_encode_for_batch(vae, images: torch.Tensor, *, batch: int, generator: Any) -> None:
+    """Advance the generator(s) exactly as `encode_for_batch(vae, images, ...)` would (its posterior
+    samples), without encoding. diffusers' inpainting encodes the masked image even where a 4-channel
+    UNet never reads it; drawing the same numbers keeps the later (ancestral) noise equal to its own."""
+    if generator is None:
+        return
+    f = vae_scale_factor(vae)
+    n, _, height, width = images.shape
+    latent = (int(vae.config.latent_channels), height // f, width // f)
+    if isinstance(generator, (list, tuple)) and len(generator) > 1:
+        draws = [(g, 1) for g in generator]
+    else:
+        draws = [(generator[0] if isinstance(generator, (list, tuple)) else generator, n)]
+    for g, rows in draws:
+        torch.randn((rows, *latent), generator=g, device=g.device, dtype=vae.dtype)
 
 
 def pixels_hash(pixels: torch.Tensor) -> str:

@@ -4,8 +4,10 @@ Two ways, chosen by the UNet's input channels:
 - 9 (SD-inpainting): the mask and the masked image's latents are concatenated to the latents
   (Rombach et al. 2022, as diffusers' `StableDiffusionInpaintPipeline`);
 - 4 (any model): `InpaintBlend` re-noises the known region to the current sigma before each
-  model call and puts it back into the denoised estimate, so every sampler keeps it.
-Then the result is pasted back onto the original through a feathered mask (see `masks`).
+  model call and puts it back into the denoised estimate, so every sampler keeps it (with the
+  single-step and multistep samplers, diffusers' 4-channel loop, which blends after each step).
+Then the result is pasted back onto the original through a feathered mask (see `masks`). Without
+paste-back the latent mask is diffusers' (nearest sampling), so the same generator gives its image.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sam
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.output import latents_to_output
 from latentloom.pipelines.image_input import (
-    check_image_size, encode_for_batch, expand_to_batch, images_to_tensor, per_prompt_images, record_hashes,
+    check_image_size, draw_as_encode_for_batch, encode_for_batch, expand_to_batch, images_to_tensor, per_prompt_images, record_hashes,
     to_model_range,
 )
 from latentloom.pipelines.img2img import check_strength
@@ -77,7 +79,8 @@ def inpaint(
     image over `feather` pixels inside the mask's edge (default: the VAE factor, 8 for SD),
     and a 9-channel UNet is asked to repaint every latent cell the mask touches. False returns
     the decoded image as is, with the mask conditioned exactly as diffusers does (so the same
-    generator gives `StableDiffusionInpaintPipeline`'s image). output_type="latent" returns
+    generator gives `StableDiffusionInpaintPipeline`'s image, for 4-channel models too with the
+    single-step and multistep samplers). output_type="latent" returns
     latents without paste-back. Other arguments as `text_to_image` (SDXL's included: 4- and 9-channel
     SDXL models give `StableDiffusionXLInpaintPipeline`'s image).
     """
@@ -105,7 +108,11 @@ def inpaint(
     if channels == c:  # any model: blend the known region in at every step
         x0 = encode_for_batch(pipe.vae, init, batch=batch, generator=gen)  # (B, C, h, w)
         noise = randn(x0.shape, generator=gen, device=device, dtype=torch.float32)
-        latent_mask = expand_to_batch(dilated_latent_mask(mask, f), batch)  # (B, 1, h, w)
+        draw_as_encode_for_batch(pipe.vae, init, batch=batch, generator=gen)  # diffusers' masked-image encode
+        # with paste-back, every latent the mask touches is repainted (no repainted pixel decodes from a
+        # kept latent); without it, diffusers' mask (nearest sampling)
+        latent_mask = dilated_latent_mask(mask, f) if paste_back else nearest_latent_mask(mask, f)
+        latent_mask = expand_to_batch(latent_mask, batch)  # (B, 1, h, w)
         denoiser = InpaintBlend(guided_denoiser(pipe, call), x0=x0, noise=noise, mask=latent_mask)
     else:  # SD-inpainting UNet; generator draws in diffusers' order: [image latents], noise, masked image
         if strength < 1.0:

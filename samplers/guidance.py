@@ -103,8 +103,12 @@ class CFGDenoiser:
 
 class InpaintBlend:
     """A denoiser that keeps the known region (mask 0) of `x0` (Lugmayr et al. 2022, RePaint, without
-    resampling): before the model call the known region of x is replaced by x0 noised to the current
-    sigma with the run's own noise; after it, the denoised known region is x0 itself.
+    resampling): before each model call but the first, the known region of x is replaced by x0 noised
+    to the current sigma with the run's own noise; after every call, the denoised known region is x0.
+
+    The first call takes x as the sampler starts it (pure noise at full strength, x0 noised everywhere
+    below it): with single-step and multistep samplers, whose updates act pixel by pixel, this is
+    diffusers' 4-channel inpainting, which blends x0 noised to the next timestep in after each step.
 
     x0, noise: (B, C, h, w); mask: (B, 1, h, w), 1 = repaint. Works with every sampler.
     """
@@ -115,9 +119,11 @@ class InpaintBlend:
                              "must share batch and spatial size")
         self.denoiser = denoiser
         self.x0, self.noise, self.mask = x0, noise, mask
+        self.first = True
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        known = add_noise(self.x0, self.noise, sigma)
-        x = torch.lerp(known, x, self.mask)
+        if not self.first:
+            x = torch.lerp(add_noise(self.x0, self.noise, sigma), x, self.mask)
+        self.first = False
         denoised = self.denoiser(x, sigma)
         return torch.lerp(self.x0, denoised, self.mask)

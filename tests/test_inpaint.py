@@ -1,4 +1,4 @@
-"""Inpainting: 9-channel parity with diffusers' StableDiffusionInpaintPipeline, the 4-channel blend
+"""Inpainting: 9- and 4-channel parity with diffusers' StableDiffusionInpaintPipeline, the 4-channel blend
 wrapper under every sampler, exact paste-back, every accepted mask form, the CLI, and the errors."""
 import numpy as np
 import pytest
@@ -70,6 +70,26 @@ def test_nine_channel_inpainting_matches_diffusers(reference9, ours9, sampler, s
     assert diff <= 1e-4
 
 
+@pytest.mark.parametrize("sampler,strength", [("ddim", 1.0), ("euler_a", 0.7), ("dpmpp_2m", 1.0), ("unipc", 0.7)])
+def test_four_channel_inpainting_matches_diffusers(folder4, ours4, sampler, strength):
+    """Any SD model: diffusers re-noises the known region after each step (its masked-image encode draws
+    from the generator though a 4-channel UNet never reads it); without paste-back, the same image."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    ref = use_scheduler(StableDiffusionInpaintPipeline.from_pretrained(folder4, safety_checker=None), sampler)
+    ref.set_progress_bar_config(disable=True)
+    image, mask = picture(24, 32, seed=4), box_mask(24, 32, 4, 6, 20, 22)
+    args = dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0,
+                strength=strength, num_images_per_prompt=2)
+    expected = ref(image=image, mask_image=mask, height=24, width=32, generator=torch.Generator().manual_seed(3),
+                   output_type="np", **args).images
+    got = ours4.inpaint(image=image, mask_image=mask, paste_back=False, sampler=sampler, output_type="np",
+                        generator=torch.Generator().manual_seed(3), progress=False, **args).images
+    diff = np.abs(got - expected)
+    print(f"4-channel inpaint {sampler} strength {strength}: mean abs diff {diff.mean():.1e}, max {diff.max():.1e}")
+    assert got.shape == expected.shape == (2, 24, 32, 3) and diff.max() <= 1e-4
+
+
 @pytest.mark.parametrize("which", ["ours9", "ours4"])
 def test_paste_back_keeps_every_unmasked_pixel_exactly(which, request):
     pipe = request.getfixturevalue(which)
@@ -102,7 +122,11 @@ def test_nine_channel_conditioning_covers_whole_latent_cells_with_paste_back(our
 def test_paste_back_blends_inside_the_mask_edge_only(ours4):
     image, mask = picture(seed=6), box_mask(16, 16, 2, 2, 14, 14)
     kwargs = dict(image=image, mask_image=mask, seed=1)
-    pasted, raw = make(ours4, **kwargs, feather=3).images[0], make(ours4, **kwargs, paste_back=False).images[0]
+    from latentloom.vae.codec import decode_latents
+
+    pasted = make(ours4, **kwargs, feather=3).images[0]
+    latents = make(ours4, **kwargs, output_type="latent").images  # the same run before its paste-back
+    raw = decode_latents(ours4.vae, latents).permute(0, 2, 3, 1)[0].clamp(-1, 1).add(1).div(2).numpy()
     np.testing.assert_allclose(pasted[6:10, 6:10], raw[6:10, 6:10], atol=1e-6)  # deep inside: generated
     edge = pasted[2, 8]  # on the mask's edge: mostly the original
     original = np.asarray(image, dtype=np.float32)[2, 8] / 255
@@ -129,7 +153,8 @@ def test_blend_wrapper_keeps_the_known_region_with_every_sampler(sampler):
     keep = mask.expand_as(x0) == 0
     torch.testing.assert_close(x[keep], x0[keep], atol=1e-5, rtol=0)
     assert (x[~keep] - x0[~keep]).abs().max() > 0.1
-    x_in, sigma = seen[0]  # the model saw the known region re-noised to the current level
+    assert torch.equal(seen[0][0], initial_latents(noise, sigmas, sampler=sampler))  # the first call: x as started
+    x_in, sigma = seen[1]  # later calls: the known region re-noised to the current level
     torch.testing.assert_close(x_in[keep], (x0 + sigma * noise)[keep], atol=1e-5, rtol=1e-5)
 
 

@@ -200,13 +200,17 @@ def test_cli_refiner_handoff_and_its_replay(sdxl, refiner, tmp_path):
     assert second.read_bytes() == first.read_bytes()
 
 
-@pytest.mark.parametrize("sampler, strength", [("ddim", 1.0), ("euler_a", 0.7), ("dpmpp_2m", 1.0)])
-def test_nine_channel_inpaint_matches_diffusers(tmp_path, sampler, strength):
+@pytest.mark.parametrize("channels, sampler, strength", [
+    (9, "ddim", 1.0), (9, "euler_a", 0.7), (9, "dpmpp_2m", 1.0),
+    (4, "ddim", 1.0), (4, "euler", 0.7), (4, "euler_a", 1.0), (4, "dpmpp_2m", 0.7), (4, "unipc", 1.0)])
+def test_inpaint_matches_diffusers(tmp_path, channels, sampler, strength):
+    """9 channels: the mask and masked image concatenated; 4 (any SDXL UNet): diffusers re-noises the
+    known region after each step, which `InpaintBlend` matches without paste-back."""
     from PIL import Image
 
     from builders import tiny_sdxl_inpaint_pipeline
 
-    reference = tiny_sdxl_inpaint_pipeline(in_channels=9)
+    reference = tiny_sdxl_inpaint_pipeline(in_channels=channels)
     reference.set_progress_bar_config(disable=True)
     ours = latentloom.load_pipeline(save_sd_folder(reference, tmp_path / "inpaint"), device="cpu",
                                     dtype=torch.float32)
@@ -221,13 +225,12 @@ def test_nine_channel_inpaint_matches_diffusers(tmp_path, sampler, strength):
     got = ours.inpaint(image=image, mask_image=mask, paste_back=False, sampler=sampler, output_type="np",
                        generator=torch.Generator().manual_seed(6), progress=False, **args).images
     diff = np.abs(got - expected)
-    print(f"sdxl inpaint {sampler} strength {strength}: mean abs diff {diff.mean():.1e}, max {diff.max():.1e}")
+    print(f"sdxl {channels}-channel inpaint {sampler} strength {strength}: mean abs diff {diff.mean():.1e}, max {diff.max():.1e}")
     assert diff.mean() <= 1e-3 and diff.max() <= 1e-4
 
 
 def test_four_channel_sdxl_inpaint_keeps_the_known_region(sdxl):
-    """Any SDXL model inpaints through the blend wrapper (not diffusers' 4-channel re-noising loop, so not
-    diffusers' image): outside the mask the original pixels, inside a new painting."""
+    """With paste-back (the default), outside the mask the original pixels, inside a new painting."""
     from PIL import Image
 
     _, ours = sdxl
