@@ -119,11 +119,12 @@ def call_sigmas(pipe, call: CallArgs) -> torch.Tensor:
 
 
 def run_sampler(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator,
-                callback: Callable | None, progress: bool, schedule: ScheduleConfig) -> torch.Tensor:
+                callback: Callable | None, progress: bool, schedule: ScheduleConfig,
+                options: dict[str, Any] | None = None) -> torch.Tensor:
     """Run solver `name` with a tqdm bar over its steps (off with progress=False), with the
-    options its resolved `schedule` asks for (clip_sample)."""
+    options its resolved `schedule` asks for (clip_sample) and the caller's `options`."""
     check_callback(callback)
-    options = {"clip_denoised": schedule.clip_sample_range} if schedule.clip_sample else {}
+    options = {**({"clip_denoised": schedule.clip_sample_range} if schedule.clip_sample else {}), **(options or {})}
     sample = get_sampler(name)
     bar = tqdm(total=len(sigmas) - 1, desc=f"latentloom {name}", disable=not progress, leave=False)
 

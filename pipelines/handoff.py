@@ -4,7 +4,8 @@ runs the rest (`denoising_start`).
 
 Both cut the same schedule at timestep round(T - f * T): the base keeps the steps at or above it, the
 refiner those below, so with the same sampler and step count the refiner starts exactly where the base
-stopped. Latents cross in diffusers' space for the sampler (the Euler family's x = x0 + sigma * eps,
+stopped. Heun (two model calls per step) is cut as diffusers cuts its doubled timestep list: the base's
+last step is only its Euler half, and the refiner repeats that whole step from the latents it got. Latents cross in diffusers' space for the sampler (the Euler family's x = x0 + sigma * eps,
 the VP samplers' x / sqrt(sigma^2 + 1)), so a latent made by diffusers' base also hands off here.
 """
 from __future__ import annotations
@@ -17,17 +18,25 @@ import torch
 from latentloom.pipelines.arguments import check_float
 from latentloom.samplers.schedules import VE_SAMPLERS
 
-# Heun takes two model calls per step and diffusers shifts its cut by one; not matched here yet.
-UNSUPPORTED = ("heun",)
+# samplers taking two model calls per step, whose cut diffusers places inside a step
+SECOND_ORDER = ("heun",)
 
 
 def check_fraction(value: Any, name: str, sampler: str) -> float:
     fraction = check_float(value, name, low=0.0, high=1.0)
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"{name} must be strictly between 0 and 1, got {fraction}")
-    if sampler in UNSUPPORTED:
-        raise ValueError(f"{name} is not supported with sampler {sampler!r} yet; use another sampler")
     return fraction
+
+
+def base_sampler_options(sampler: str, steps_after: int) -> dict[str, Any]:
+    """What the base's sampler needs beyond its cut sigmas, with `steps_after` steps of the schedule left
+    to the refiner: Heun ends on the first (Euler) half of its last step, as diffusers' Heun does when
+    `denoising_end` stops it after an odd number of calls; UniPC lowers its order only near the
+    schedule's real end."""
+    if sampler in SECOND_ORDER:
+        return {"euler_last": True}
+    return {"steps_after": steps_after} if sampler == "unipc" else {}
 
 
 def _timesteps(pipe, call, sigmas: torch.Tensor) -> torch.Tensor:
@@ -49,11 +58,14 @@ def cut_end(pipe, call, sigmas: torch.Tensor, denoising_end: float) -> torch.Ten
 
 
 def cut_start(pipe, call, sigmas: torch.Tensor, denoising_start: float) -> torch.Tensor:
-    """The refiner's part: the steps whose timestep is below the cut."""
+    """The refiner's part: the steps whose timestep is below the cut (for Heun one more: diffusers keeps
+    an odd count of its doubled timesteps, so the refiner redoes the step the base only half took)."""
     keep = int((_timesteps(pipe, call, sigmas) < _cutoff(pipe, denoising_start)).sum())
     if keep < 1:
         raise ValueError(f"denoising_start={denoising_start} leaves no step of {len(sigmas) - 1}; lower it or "
                          "raise the steps")
+    if call.sampler in SECOND_ORDER:
+        keep = min(keep + 1, len(sigmas) - 1)
     return sigmas[len(sigmas) - 1 - keep:]
 
 

@@ -9,7 +9,7 @@ from latentloom.pipelines.arguments import check_float, check_size, parse_call
 from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.output import latents_to_output
-from latentloom.pipelines.handoff import check_fraction, cut_end, to_handoff
+from latentloom.pipelines.handoff import base_sampler_options, check_fraction, cut_end, to_handoff
 from latentloom.pipelines.micro_conditioning import micro_values, parse_micro
 from latentloom.pipelines.output import PipelineOutput
 from latentloom.samplers.noise import final_latents, initial_latents, randn
@@ -96,10 +96,13 @@ def text_to_image(
     shape = (call.batch, pipe.latent_channels, height // f, width // f)
     noise = randn(shape, generator=call.generator, device=pipe.device, dtype=torch.float32)
     x = initial_latents(noise, sigmas, sampler=call.sampler, timestep_spacing=call.schedule.timestep_spacing)
+    options = {}
     if denoising_end is not None:
+        steps = len(sigmas) - 1
         sigmas = cut_end(pipe, call, sigmas, denoising_end)
+        options = base_sampler_options(call.sampler, steps_after=steps - (len(sigmas) - 1))
     x = run_sampler(call.sampler, denoiser, x, sigmas.to(pipe.device), generator=call.generator,
-                    callback=callback, progress=progress, schedule=call.schedule)
+                    callback=callback, progress=progress, schedule=call.schedule, options=options)
     latents = final_latents(x, sigmas) if denoising_end is None else to_handoff(x, float(sigmas[-1]), call.sampler)
     images = latents_to_output(pipe, latents, call.output_type, vae_tiling=call.vae_tiling)
     recipes = call_recipes(pipe, call, height=height, width=width, task="txt2img", clip_guidance_scale=clip_scale,

@@ -100,8 +100,11 @@ def _weighted(rhos: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor | f
 
 @torch.no_grad()
 def sample_unipc(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
-                 callback: Callback = None, order: int = 2) -> torch.Tensor:
-    """UniPC-bh2 predictor-corrector (Zhao et al. 2023) of `order`; = diffusers UniPCMultistepScheduler."""
+                 callback: Callback = None, order: int = 2, steps_after: int = 0) -> torch.Tensor:
+    """UniPC-bh2 predictor-corrector (Zhao et al. 2023) of `order`; = diffusers UniPCMultistepScheduler.
+
+    steps_after: steps of the schedule that follow `sigmas` (a base stopped by `denoising_end`), so the
+    order is lowered only near the schedule's real end, as diffusers' lower_order_final does."""
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
     x, sigmas, dtype = _check(x, sigmas)
@@ -125,7 +128,7 @@ def sample_unipc(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, ge
             x = x_pred - B_h * (_weighted(rhos[:-1], d1s) + rhos[-1] * (denoised - m0))
         history = (history + [denoised])[-order:]
         # warm up from first order; lower the order on the final steps (lower_order_final)
-        this_order = min(order, n - i, len(history))
+        this_order = min(order, n + steps_after - i, len(history))
         last_x, last_order = x, this_order
         if sigma_next == 0:
             x = denoised

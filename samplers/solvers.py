@@ -136,19 +136,23 @@ def sample_ddpm(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, gen
 
 @torch.no_grad()
 def sample_heun(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generator = None,
-                callback: Callback = None, clip_denoised: float | None = None) -> torch.Tensor:
+                callback: Callback = None, clip_denoised: float | None = None,
+                euler_last: bool = False) -> torch.Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1), Euler on the last step to sigma 0; = diffusers HeunDiscreteScheduler.
 
-    clip_denoised: clamp both x0 estimates to [-c, c] (diffusers' clip_sample / clip_sample_range)."""
+    clip_denoised: clamp both x0 estimates to [-c, c] (diffusers' clip_sample / clip_sample_range).
+    euler_last: the last step is Euler wherever it ends (diffusers' Heun stopped by `denoising_end`
+    returns after the first half of a step)."""
     x, sigmas, dtype = _check(x, sigmas)
-    for i in range(sigmas.numel() - 1):
+    steps = sigmas.numel() - 1
+    for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = _clamp(denoiser(x, _s(sigma, x)), clip_denoised)
         if callback is not None:
             callback(i, sigma, x, denoised)
         d = (x - denoised) / sigma
         dt = sigma_next - sigma
-        if sigma_next == 0:
+        if sigma_next == 0 or (euler_last and i == steps - 1):
             x = x + d * dt
             continue
         x_2 = x + d * dt

@@ -142,7 +142,7 @@ def test_refiner_img2img_matches_diffusers(refiner, scores):
     assert "target_size" not in result.recipes[0]
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpmpp_2m", "unipc", "heun"])
 def test_base_to_refiner_handoff_matches_diffusers_ensemble_of_experts(sdxl, refiner, sampler):
     """denoising_end=0.8 on the base (latents out), denoising_start=0.8 on the refiner's img2img."""
     base_ref, base = sdxl
@@ -160,7 +160,7 @@ def test_base_to_refiner_handoff_matches_diffusers_ensemble_of_experts(sdxl, ref
     result = refiner_ours.img2img(image=our_latents, denoising_start=0.8, sampler=sampler, output_type="np",
                                   generator=torch.Generator().manual_seed(9), progress=False, **common)
     diff = np.abs(result.images - expected)
-    print(f"hand-off {sampler}: mean abs diff {diff.mean():.1e}, max {diff.max():.1e}")
+    print(f"hand-off {sampler}: mean abs diff {diff.mean():.3e}, max {diff.max():.3e}, {result.images.mean():.6f}")
     assert diff.mean() <= 1e-3 and diff.max() <= 1e-4
     assert result.recipes[0]["denoising_start"] == 0.8 and len(result.recipes[0]["latents_hash"]) == 10
 
@@ -170,8 +170,6 @@ def test_handoff_arguments_are_checked(sdxl, refiner):
     _, refiner_ours = refiner
     with pytest.raises(ValueError, match="denoising_end must be strictly between 0 and 1, got 1.0"):
         base("a", denoising_end=1.0, num_inference_steps=2, height=16, width=16, progress=False)
-    with pytest.raises(ValueError, match="not supported with sampler 'heun'"):
-        base("a", denoising_end=0.5, sampler="heun", num_inference_steps=2, height=16, width=16, progress=False)
     with pytest.raises(ValueError, match=r"image must be the latents a base model returned \(B, 4, h, w\)"):
         refiner_ours.img2img("a", image=picture(16, 16), denoising_start=0.8, num_inference_steps=4, progress=False)
 
