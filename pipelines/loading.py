@@ -197,7 +197,11 @@ def _text_encoder_from_index(folder: Path, spec: dict[str, Any]):
         return text_encoders.MiniLMEncoder()
     if kind == "clip":
         return text_encoders.CLIPEncoder.from_pretrained(folder, text_encoder_subfolder=spec.get("path", "text_encoder"))
-    raise ValueError(f"{folder}/model_index.json: text_encoder kind {kind!r} is not one of 'minilm', 'clip'")
+    if kind == "sdxl":  # a fine-tuned SDXL: the CLIP pair, force_zeros_for_empty_prompt in model_index.json
+        from latentloom.text_encoders.sdxl import SDXLTextEncoders
+
+        return SDXLTextEncoders.from_pretrained(folder)
+    raise ValueError(f"{folder}/model_index.json: text_encoder kind {kind!r} is not one of 'minilm', 'clip', 'sdxl'")
 
 
 def _read_schedule(path: Path) -> ScheduleConfig:

@@ -38,7 +38,7 @@ def test_folder_with_txt_captions(tmp_path):
     assert len(ds) == 2
     assert [ds[i]["caption"] for i in range(2)] == ["red", "blue"]  # sorted by relative path
     item = ds[0]
-    assert set(item) == {"pixel_values", "caption"}
+    assert set(item) == {"pixel_values", "caption", "micro"}  # micro: original size and crop (SDXL)
     px = item["pixel_values"]
     assert px.shape == (3, 32, 32) and px.dtype == torch.float32
     assert px.min() >= -1 and px.max() <= 1

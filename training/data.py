@@ -40,7 +40,7 @@ from latentloom.text_encoders.embedding import TextEmbedding
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CROPS = ("center", "random")
 METADATA_FILE = "metadata.jsonl"
-CACHE_FORMAT = "latentloom-latent-cache-1"
+CACHE_FORMAT = "latentloom-latent-cache-2"  # 2: each latent's micro-conditioning
 
 
 def _check_resolution(resolution: object) -> int:
@@ -188,6 +188,13 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
 
     def pixel_values(self, index: int, *, flip: bool = False, rng: random.Random | None = None) -> torch.Tensor:
         """Item `index` resized, cropped (centre, or random from `rng`) and optionally mirrored: (3, R, R)."""
+        return self.prepare(index, flip=flip, rng=rng)[0]
+
+    def prepare(self, index: int, *, flip: bool = False,
+                rng: random.Random | None = None) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """`pixel_values` with SDXL's micro-conditioning of the item: its original (height, width), and
+        the crop's (top, left) in the resized image, mirrored with the image (diffusers' SDXL training
+        flips the resized image before cropping, which is the same crop seen from the other side)."""
         image = self.load_image(index)
         r = self.resolution
         w, h = image.size
@@ -207,14 +214,17 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         image = image.crop((left, top, left + r, top + r))
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = new_w - r - left
         array = np.asarray(image, dtype=np.uint8)  # (R, R, 3)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, R, R)
+        pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, R, R)
+        return pixels, (h, w), (top, left)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = self.rng(index)
         # The flip is the stream's first draw, so a LatentCache makes the same choice.
         flip = self.random_flip and rng.random() < 0.5
-        return {"pixel_values": self.pixel_values(index, flip=flip, rng=rng), "caption": self.captions[index]}
+        pixels, original_size, crop_top_left = self.prepare(index, flip=flip, rng=rng)
+        return {"pixel_values": pixels, "caption": self.captions[index], "micro": _micro(original_size, crop_top_left)}
 
     def fingerprint(self) -> str:
         """Identifies the data and preprocessing (files, sizes, mtimes, captions, resolution, crop, flip)."""
@@ -224,6 +234,11 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             st = f.stat()
             h.update(json.dumps([str(f.relative_to(self.root)), st.st_size, st.st_mtime_ns, c]).encode())
         return h.hexdigest()
+
+
+def _micro(original_size: tuple[int, int], crop_top_left: tuple[int, int]) -> torch.Tensor:
+    """(4,) int64: original height, width, crop top, left (SDXL's size and crop conditioning)."""
+    return torch.tensor([*original_size, *crop_top_left], dtype=torch.long)
 
 
 def _pad_text(items: Sequence[dict[str, Any]]) -> TextEmbedding:
@@ -255,7 +270,7 @@ class LatentCache(torch.utils.data.Dataset):
         encoders is not reused.
 
     Items: ``{"latents": (C, h, w), "hidden": (L, D), "mask": (L,), "pooled": (D',) or None,
-    "caption": str}``, on the CPU (`UNetTask.collate` batches them). Items are encoded on
+    "micro": (4,) original size and crop, "caption": str}``, on the CPU (`UNetTask.collate` batches them). Items are encoded on
     first use, or all at once, in batches, by `fill()`; with DataLoader workers, call
     `fill()` first (a worker's copy of the cache would be lost with the worker).
     """
@@ -282,6 +297,7 @@ class LatentCache(torch.utils.data.Dataset):
         self.key = key
         self.flips = (False, True) if dataset.random_flip else (False,)
         self._latents: dict[tuple[int, bool], torch.Tensor] = {}  # (index, flip) -> (C, h, w)
+        self._micro: dict[tuple[int, bool], torch.Tensor] = {}  # (index, flip) -> (4,)
         self._text: dict[str, dict[str, torch.Tensor | None]] = {}  # caption -> hidden/mask/pooled
         self._saved = False
         if self.path is not None and self.path.exists():
@@ -300,13 +316,15 @@ class LatentCache(torch.utils.data.Dataset):
 
     @torch.no_grad()
     def _encode_images(self, keys: list[tuple[int, bool]]) -> None:
-        pixels = torch.stack([self.dataset.pixel_values(i, flip=f) for i, f in keys])  # (B, 3, R, R)
+        prepared = [self.dataset.prepare(i, flip=f) for i, f in keys]
+        pixels = torch.stack([p for p, _, _ in prepared])  # (B, 3, R, R)
         latents = self.encode_image(pixels)
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] != len(keys):
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"encode_image must return (B={len(keys)}, C, h, w) latents, got {got}")
-        for k, z in zip(keys, latents.detach().cpu()):
+        for k, z, (_, size, crop) in zip(keys, latents.detach().cpu(), prepared):
             self._latents[k] = z.clone()  # own storage: safetensors refuses shared tensors
+            self._micro[k] = _micro(size, crop)
 
     @torch.no_grad()
     def _encode_texts(self, captions: list[str]) -> None:
@@ -359,7 +377,7 @@ class LatentCache(torch.utils.data.Dataset):
         if missing:
             self._maybe_save()
         text = self._text[caption]
-        return {"latents": self._latents[(index, flip)], **text, "caption": caption}
+        return {"latents": self._latents[(index, flip)], "micro": self._micro[(index, flip)], **text, "caption": caption}
 
     # ------------------------------------------------------------------ disk
 
@@ -377,6 +395,7 @@ class LatentCache(torch.utils.data.Dataset):
         tensors: dict[str, torch.Tensor] = {}
         for (i, f), z in self._latents.items():
             tensors[f"latents.{i}.{int(f)}"] = z.contiguous()
+            tensors[f"micro.{i}.{int(f)}"] = self._micro[(i, f)].contiguous()
         captions = list(self._text)
         for k, c in enumerate(captions):
             for name, t in self._text[c].items():
@@ -416,8 +435,9 @@ class LatentCache(torch.utils.data.Dataset):
                 names = set(f.keys())
                 for name in names:
                     kind, a, b = name.split(".")
-                    if kind == "latents":
-                        self._latents[(int(a), bool(int(b)))] = f.get_tensor(name)
+                    if kind in ("latents", "micro"):
+                        store = self._latents if kind == "latents" else self._micro
+                        store[(int(a), bool(int(b)))] = f.get_tensor(name)
                 for k, c in enumerate(captions):
                     pooled = f"text.{k}.pooled"
                     self._text[c] = {
@@ -427,6 +447,7 @@ class LatentCache(torch.utils.data.Dataset):
                     }
         except (SafetensorError, OSError, ValueError, KeyError) as e:  # JSONDecodeError is a ValueError
             self._latents.clear()
+            self._micro.clear()
             self._text.clear()
             warnings.warn(f"latent cache {self.path} is unreadable ({e}): re-encoding and overwriting it", stacklevel=3)
             return

@@ -22,6 +22,7 @@ from latentloom.file_io import write_json_atomic
 from latentloom.model_folder import copy_component, scheduler_config, update_model_index, write_component
 from latentloom.training.objective import diffusion_loss
 from latentloom.samplers.forward import add_noise_at_timestep
+from latentloom.text_encoders.embedding import TextEmbedding
 
 # The upscaler's low-resolution image is noised with its own fixed schedule (the SD x4
 # upscaler's "low_res_scheduler": linear betas 1e-4 .. 0.02 over 1000 steps).
@@ -75,12 +76,14 @@ class UNetTask:
         latent_channels: int | None = None,
         use_context_mask: bool = True,
         writers: dict[str, Any] | None = None,
+        index: dict[str, Any] | None = None,
     ) -> None:
         """latent_channels: what x0 has when neither a VAE nor pixels say (precomputed latents).
         use_context_mask: pass the text padding mask to cross-attention (latentloom models do;
         Stable Diffusion was trained without it). writers: extra export components,
-        name -> write(tmp_folder) (a fine-tuned SD model's VAE and text encoder)."""
-        self.use_context_mask, self.writers = use_context_mask, dict(writers or {})
+        name -> write(tmp_folder) (a fine-tuned SD model's VAE and text encoder). index: extra
+        model_index.json keys (an SDXL model's force_zeros_for_empty_prompt)."""
+        self.use_context_mask, self.writers, self.index = use_context_mask, dict(writers or {}), dict(index or {})
         self.cfg, self.model, self.text_encoder, self.dataset = cfg, unet, text_encoder, dataset
         self.vae, self.vae_source, self.copy_from, self.upscaler = vae, vae_source, copy_from, upscaler
         self.alphas_cumprod = alphas_cumprod
@@ -106,7 +109,10 @@ class UNetTask:
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         """Images ({"pixel_values", "caption"}) or cached latents ({"latents", "caption", ...})."""
         key = "latents" if "latents" in items[0] else "pixel_values"
-        return {key: torch.stack([it[key] for it in items]), "caption": [it["caption"] for it in items]}
+        batch = {key: torch.stack([it[key] for it in items]), "caption": [it["caption"] for it in items]}
+        if all("micro" in it for it in items):
+            batch["micro"] = torch.stack([it["micro"] for it in items])  # (B, 4): original size, crop top-left
+        return batch
 
     @torch.no_grad()
     def targets(self, pixels: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
@@ -119,16 +125,32 @@ class UNetTask:
 
     @torch.no_grad()
     def context(self, captions: list[str], *, device: torch.device):
+        """The captions' TextEmbedding on `device` (hidden and pooled in float32)."""
         # A LatentCache holds the captions' embeddings (and encodes "" once for dropout).
         encode = self.dataset.text if hasattr(self.dataset, "text") else self.text_encoder.encode
         emb = encode(list(captions))
-        return emb.hidden.to(device=device, dtype=torch.float32), emb.mask.to(device)
+        pooled = None if emb.pooled is None else emb.pooled.to(device=device, dtype=torch.float32)
+        return TextEmbedding(emb.hidden.to(device=device, dtype=torch.float32), emb.mask.to(device), pooled)
+
+    def vector_conditioning(self, emb: TextEmbedding, micro: torch.Tensor | None,
+                            size: tuple[int, int]) -> torch.Tensor | None:
+        """SDXL's y: the pooled text and each image's real original size and crop, with the training
+        size as target size, as SDXL was trained (None for UNets without vector conditioning)."""
+        if getattr(self.model.config, "adm_in_channels", None) is None:
+            return None
+        if emb.pooled is None or micro is None:
+            raise ValueError("this UNet reads SDXL's vector conditioning: it needs the text encoder's pooled "
+                             "vector and each image's size and crop")
+        target = micro.new_tensor(size).expand(micro.shape[0], 2)
+        numbers = torch.cat([micro, target], dim=1).to(device=emb.pooled.device, dtype=torch.float32)  # (B, 6)
+        return self.model.vector_conditioning(emb.pooled, numbers)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generators: dict[str, torch.Generator]) -> torch.Tensor:
         cfg = self.cfg
         device = generators["noise"].device
         captions = drop_captions(batch["caption"], p=cfg.caption_dropout, generator=generators["host"])
-        hidden, mask = self.context(captions, device=device)  # (B, L, D), (B, L)
+        emb = self.context(captions, device=device)
+        hidden, mask = emb.hidden, emb.mask  # (B, L, D), (B, L)
         if "latents" in batch:
             pixels = None
             x0 = batch["latents"].to(device=device, dtype=torch.float32)  # (B, C, h, w)
@@ -148,6 +170,10 @@ class UNetTask:
             cond = upscaler_condition(low, noise_level=noise_level, size=tuple(x0.shape[-2:]),
                                       generator=generators["noise"])
             extra["class_labels"] = noise_level
+
+        y = self.vector_conditioning(emb, batch.get("micro"), size=(cfg.resolution, cfg.resolution))
+        if y is not None:
+            extra["y"] = y
 
         def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = x_t if cond is None else torch.cat([x_t, cond], dim=1)
@@ -186,7 +212,7 @@ class UNetTask:
         for name, writer in self.writers.items():
             write_component(output, name, writer)
         if self.copy_from is not None:  # fine-tuning: keep the other stages of the source model
-            for name in ("clip", "upscaler", "text_encoder", "tokenizer"):
+            for name in ("clip", "upscaler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
                 if (Path(self.copy_from) / name).is_dir() and not (Path(output) / name).exists():
                     copy_component(Path(self.copy_from) / name, output, name)
         update_model_index(
@@ -195,6 +221,7 @@ class UNetTask:
             resolution=cfg.resolution,
             space="latent" if self.vae is not None else "pixel",
             use_context_mask=self.use_context_mask,
+            **self.index,
         )
 
     def _export_upscaler(self, model: nn.Module, output: Path) -> None:

@@ -101,9 +101,12 @@ def build_unet_task(cfg: TrainConfig, *, device: torch.device, is_main: bool, ba
         dataset = build_latent_cache(cfg, dataset, vae=vae, vae_source=vae_source, text_encoder=text_encoder,
                                      device=device, is_main=is_main, barrier=barrier)
     alphas_cumprod = _prepare_unet(cfg, unet)
+    index = {}
+    if cfg.text_encoder == "sdxl":
+        index["force_zeros_for_empty_prompt"] = text_encoder.force_zeros_for_empty_prompt
     return UNetTask(cfg, unet=unet, text_encoder=text_encoder, dataset=dataset, alphas_cumprod=alphas_cumprod,
                     vae=vae, vae_source=vae_source, copy_from=copy_from, upscaler=upscaler,
-                    use_context_mask=use_context_mask)
+                    use_context_mask=use_context_mask, index=index)
 
 
 def _prepare_unet(cfg: TrainConfig, unet: Any) -> torch.Tensor:
@@ -172,10 +175,16 @@ def build_latent_cache(cfg: TrainConfig, dataset: Any, *, vae: Any, vae_source: 
         # The posterior mean: a cache stores one latent per image, and a frozen sample would be worse.
         return encode_images(vae, pixels.to(device), sample=False).float().cpu()
 
-    # Names the VAE by its weights file (path, size, mtime): a retrained VAE invalidates the cache.
-    weights = sorted(Path(vae_source).glob("*.safetensors"))[0]
+    # Names the VAE by its weights file (path, size, mtime): a retrained VAE invalidates the cache. A
+    # foreign model's VAE and text encoders come from one folder or file, named the same way.
+    source = Path(vae_source)
+    if source.is_dir() and (source / "vae").is_dir():
+        source = source / "vae"
+    weights = sorted(source.glob("*.safetensors"))[0] if source.is_dir() else source
     stat = weights.stat()
     key = f"vae:{weights.resolve()}:{stat.st_size}:{stat.st_mtime_ns}+{cfg.text_encoder}"
+    if cfg.text_encoder in ("clip", "sdxl") and cfg.pretrained is not None:
+        key += f":{Path(cfg.pretrained).resolve()}"
     path = cfg.checkpoint_dir / f"latent-cache-{cfg.resolution}.safetensors"
     if is_main:
         cache = LatentCache(dataset, encode_image=encode_image, encode_text=text_encoder.encode, path=path, key=key)
@@ -209,8 +218,9 @@ def _match_pretrained_residual(cfg: TrainConfig, folder: Path) -> TrainConfig:
 
 
 def _foreign_unet_task(cfg: TrainConfig, *, device: torch.device, is_main: bool, barrier: Callable[[], None]):
-    """Fine-tune a Stable Diffusion model (diffusers folder or single .safetensors file),
-    loaded by the pipeline loader; the result is a latentloom folder with its CLIP encoder."""
+    """Fine-tune a Stable Diffusion or SDXL model (diffusers folder or single .safetensors file),
+    loaded by the pipeline loader; the result is a latentloom folder with its text encoder(s).
+    SDXL learns with each image's real original size and crop as its micro-conditioning."""
     from latentloom.pipelines.loading import load_pipeline
     from latentloom.training.task_unet import UNetTask
 
@@ -220,20 +230,29 @@ def _foreign_unet_task(cfg: TrainConfig, *, device: torch.device, is_main: bool,
     if schedule.get("trained_betas") is not None:
         raise ValueError(f"{cfg.pretrained}: trained_betas schedules are not supported for training")
     cfg = _check_schedule_matches(cfg, schedule, Path(cfg.pretrained))
-    if cfg.text_encoder != "clip":
-        cfg = TrainConfig.from_dict({**cfg.to_dict(), "text_encoder": "clip"})
     text_encoder = pipe.text_encoder.to(device)
-    text_encoder.weighting = False  # captions are plain text, not "(word:1.2)" prompts
-    text_encoder.cache_size = 1 << 16
+    sdxl = hasattr(text_encoder, "encoders")  # SDXLTextEncoders: the CLIP pair
+    if sdxl and text_encoder.encoder_1 is None:
+        raise ValueError(f"{cfg.pretrained} is an SDXL refiner (its UNet reads an aesthetic score, not the target "
+                         "size): fine-tuning refiners is not supported; fine-tune an SDXL base model")
+    kind = "sdxl" if sdxl else "clip"
+    if cfg.text_encoder != kind:
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "text_encoder": kind})
+    for encoder in (text_encoder.encoders if sdxl else [text_encoder]):
+        encoder.weighting = False  # captions are plain text, not "(word:1.2)" prompts
+        encoder.cache_size = 1 << 16
     vae = pipe.vae.to(device).eval().requires_grad_(False)
     unet = pipe.unet
     dataset = load_dataset(cfg)
     if cfg.cache_latents:
-        raise ValueError("cache_latents is supported for latentloom model folders only; fine-tune without it")
+        dataset = build_latent_cache(cfg, dataset, vae=vae, vae_source=cfg.pretrained, text_encoder=text_encoder,
+                                     device=device, is_main=is_main, barrier=barrier)
     alphas_cumprod = _prepare_unet(cfg, unet)
-
+    writers = {"vae": lambda tmp: vae.save_pretrained(str(tmp), safe_serialization=True)}
+    parts = [("", text_encoder.encoder_1), ("_2", text_encoder.encoder_2)] if sdxl else [("", text_encoder)]
+    for suffix, encoder in parts:
+        writers[f"text_encoder{suffix}"] = lambda tmp, e=encoder: e.model.save_pretrained(str(tmp))
+        writers[f"tokenizer{suffix}"] = lambda tmp, e=encoder: e.tokenizer.save_pretrained(str(tmp))
+    index = {"force_zeros_for_empty_prompt": text_encoder.force_zeros_for_empty_prompt} if sdxl else {}
     return UNetTask(cfg, unet=unet, text_encoder=text_encoder, dataset=dataset, alphas_cumprod=alphas_cumprod,
-                    vae=vae, use_context_mask=pipe.use_context_mask,
-                    writers={"vae": lambda tmp: vae.save_pretrained(str(tmp), safe_serialization=True),
-                             "text_encoder": lambda tmp: text_encoder.model.save_pretrained(str(tmp)),
-                             "tokenizer": lambda tmp: text_encoder.tokenizer.save_pretrained(str(tmp))})
+                    vae=vae, use_context_mask=pipe.use_context_mask, writers=writers, index=index)

@@ -24,8 +24,9 @@ def load_dataset(cfg: TrainConfig):
 
 
 def load_text_encoder(kind: str, *, device: torch.device, folder: str | Path | None = None):
-    """The frozen text encoder named in the model folder: "minilm" (the bundled one), or
-    "clip" (a fine-tuned Stable Diffusion's: ``folder/text_encoder`` + ``folder/tokenizer``)."""
+    """The frozen text encoder named in the model folder: "minilm" (the bundled one), "clip" (a
+    fine-tuned Stable Diffusion's: ``folder/text_encoder`` + ``folder/tokenizer``), or "sdxl" (a
+    fine-tuned SDXL's pair, with text_encoder_2/ + tokenizer_2/)."""
     from latentloom import text_encoders
 
     # Captions are plain text (no "(word:1.2)" weighting); a big cache encodes each caption once.
@@ -33,8 +34,12 @@ def load_text_encoder(kind: str, *, device: torch.device, folder: str | Path | N
         return text_encoders.MiniLMEncoder(weighting=False, cache_size=1 << 16).to(device)
     if kind == "clip" and folder is not None:
         return text_encoders.CLIPEncoder.from_pretrained(folder, weighting=False, cache_size=1 << 16).to(device)
+    if kind == "sdxl" and folder is not None:
+        from latentloom.text_encoders.sdxl import SDXLTextEncoders
+
+        return SDXLTextEncoders.from_pretrained(folder, weighting=False, cache_size=1 << 16).to(device)
     raise ValueError(f"text_encoder {kind!r} is not supported by `latentloom train` here; use 'minilm' "
-                     "(or fine-tune a folder whose model_index.json names a 'clip' text_encoder/)")
+                     "(or fine-tune a folder whose model_index.json names a 'clip' or 'sdxl' text encoder)")
 
 
 def _resolve_bundled(cfg: TrainConfig) -> TrainConfig:
