@@ -18,6 +18,15 @@ class CallDefaults:
     clip_guidance_scale: float = 0.0  # models that bring an image-text model may turn it on
 
 
+# diffusers' StableDiffusionXLPipeline calls with guidance 5 (SDXL over-saturates at SD's 7.5)
+SDXL_GUIDANCE_SCALE = 5.0
+
+
+def call_defaults(side: int, *, sdxl: bool = False) -> CallDefaults:
+    """A Stable Diffusion model's defaults at its native `side`; SDXL guides at diffusers' 5.0."""
+    return CallDefaults(height=side, width=side, **({"guidance_scale": SDXL_GUIDANCE_SCALE} if sdxl else {}))
+
+
 def default_device() -> torch.device:
     """CUDA when present, else CPU. Chosen once at load time, never hard-coded in the math."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

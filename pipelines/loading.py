@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from latentloom.pipelines.defaults import CallDefaults, resolve_device, resolve_dtype
+from latentloom.pipelines.defaults import CallDefaults, call_defaults, resolve_device, resolve_dtype
 from latentloom.pipelines.pipeline import Pipeline, UpscalerSettings
 from latentloom.file_io import read_json_object
 from latentloom.model_folder import FORMAT, INDEX_NAME, read_model_index
@@ -126,10 +126,11 @@ def load_diffusers_folder(folder: Path, index: dict[str, Any]) -> Pipeline:
         raise FileNotFoundError(f"{folder} is missing scheduler/scheduler_config.json")
     schedule = _read_schedule(scheduler_file)
     unet_config = read_json_object(folder / "unet" / "config.json")
-    side = int(unet_config.get("sample_size", 64)) * 2 ** (len(vae.config.block_out_channels) - 1)
+    # diffusers' UNet2DConditionModel may save sample_size null; SD's 64 latents then
+    side = int(unet_config.get("sample_size") or 64) * 2 ** (len(vae.config.block_out_channels) - 1)
     pipe = Pipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, schedule_config=schedule, name=str(folder),
-        use_context_mask=False, defaults=CallDefaults(height=side, width=side),
+        use_context_mask=False, defaults=call_defaults(side, sdxl=sdxl),
         weights_files=sorted((folder / "unet").glob("*.safetensors"))[:1], upscaler=_upscaler_settings(folder, index),
     )
     return pipe

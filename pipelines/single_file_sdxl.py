@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from latentloom.pipelines.defaults import CallDefaults
+from latentloom.pipelines.defaults import call_defaults
 from latentloom.pipelines.pipeline import Pipeline
 
 CONDITIONER = "conditioner.embedders."
@@ -55,7 +55,7 @@ def build_sdxl(path: Path, state: dict[str, torch.Tensor], unet, vae, *, tokeniz
     vae.register_to_config(scaling_factor=SDXL_VAE_SCALING)
     schedule = ScheduleConfig.from_diffusers_config(SDXL_SCHEDULER_CONFIG)
     return Pipeline(unet=unet, vae=vae, text_encoder=encoders, schedule_config=schedule, name=str(path),
-                    use_context_mask=False, defaults=CallDefaults(height=1024, width=1024), weights_files=[path])
+                    use_context_mask=False, defaults=call_defaults(1024, sdxl=True), weights_files=[path])
 
 
 def _tokenizer(folder, path: Path, subfolder: str):

@@ -427,3 +427,15 @@ def test_single_file_refiner_and_inpainting_give_their_folders_images(tmp_path):
     got = from_file.inpaint(generator=torch.Generator().manual_seed(2), **args).images
     expected = from_folder.inpaint(generator=torch.Generator().manual_seed(2), **args).images
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_sdxl_call_defaults_follow_diffusers_sdxl_pipeline(sdxl):
+    """Left out, guidance is diffusers' SDXL default (5.0), so the same call without it gives its image."""
+    reference, ours = sdxl
+    assert ours.defaults.guidance_scale == 5.0
+    use_scheduler(reference, "euler")
+    expected = reference(prompt="a red circle", num_inference_steps=3, height=16, width=16, output_type="np",
+                         generator=torch.Generator().manual_seed(2)).images
+    got = ours(prompt="a red circle", num_inference_steps=3, height=16, width=16, sampler="euler", output_type="np",
+               generator=torch.Generator().manual_seed(2), progress=False).images
+    assert np.abs(got - expected).max() <= 1e-4
