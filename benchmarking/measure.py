@@ -4,9 +4,13 @@ No torch import here: the CLI reads this module before it knows which target run
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -53,6 +57,70 @@ class PeakRSS:
     @property
     def growth(self) -> int:
         return self.peak - self.start
+
+
+class MemoryLimitExceeded(RuntimeError):
+    """A child process grew past the memory it was allowed and was stopped."""
+
+    def __init__(self, limit: int, spec: str) -> None:
+        super().__init__(f"case {spec} went over {limit / 1e9:.1f} GB of RSS and was stopped")
+        self.limit = limit
+
+
+def memory_total_bytes() -> int:
+    """This machine's RAM (MemTotal; 0 where /proc/meminfo is unavailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _child_rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_child(module: str, spec: dict[str, Any], *, threads: int, timeout: float,
+              memory_limit: int | None = None) -> dict[str, Any]:
+    """`python -m MODULE --child SPEC` in a fresh process; the JSON object it prints last. A child
+    whose RSS passes `memory_limit` bytes is killed (MemoryLimitExceeded) before the machine's
+    out-of-memory killer picks a process; RuntimeError carries the stderr tail of a failed child."""
+    text = json.dumps(spec)
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # before torch starts its pool in the child
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", module, "--child", text], stdout=out, stderr=err, env=env,
+                                text=True)
+        start = time.monotonic()
+        while proc.poll() is None:
+            if memory_limit and _child_rss(proc.pid) > memory_limit:
+                proc.kill()
+                proc.wait()
+                raise MemoryLimitExceeded(memory_limit, text)
+            if time.monotonic() - start > timeout:
+                proc.kill()
+                proc.wait()
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            time.sleep(0.05)
+        out.seek(0)
+        err.seek(0)
+        lines = [line for line in out.read().splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = "\n".join(err.read().strip().splitlines()[-15:])
+            raise RuntimeError(f"case {text} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1])
 
 
 def median(values: Sequence[float]) -> float:

@@ -15,6 +15,12 @@ latentloom's defaults: `fast_dtype` + `optimize` (bf16 + channels_last on CPUs w
 and `vae_tiling=None` (automatic). Where the automatic choice tiles, a second latentloom row
 with tiling off shows what tiling buys.
 
+SDXL (--preset sdxl): both libraries load one random SDXL folder written once (`sdxl_random`), as
+a user's download is loaded (`StableDiffusionXLPipeline.from_pretrained`, `latentloom.load_pipeline`),
+at 1024 px by default; where latentloom's default dtype is not fp32, a row in fp32 shows the
+machines whose default it is. A case whose RSS would pass --memory-limit-gb (default: 92% of this
+machine's RAM) is stopped, and the table says it did not fit instead of giving a number.
+
 The "attention" part checks that the UNet's default attention (SDPA) does not write out the
 (tokens x tokens) score matrices at the largest resolution: one forward of the first level's
 self-attention layer per fresh process, against the `chunked` backend and the `math` reference
@@ -28,13 +34,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from typing import Any
 
-from latentloom.benchmarking.measure import Table
+from latentloom.benchmarking.measure import MemoryLimitExceeded, Table, memory_total_bytes
 
 PROMPT = "a photograph of an astronaut riding a horse"
 LIBRARIES = ("diffusers", "latentloom")
@@ -57,14 +61,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the latentloom row with VAE tiling off where the automatic choice tiles")
     parser.add_argument("--child-timeout", type=float, default=3600.0,
                         help="seconds one child process may take (default 3600)")
+    parser.add_argument("--memory-limit-gb", type=float, default=None,
+                        help="stop a case whose RSS passes this (default: 92%% of this machine's RAM)")
+    parser.add_argument("--weights-dir", default=None,
+                        help="SDXL presets: where the random SDXL folder is written once (default ~/.cache/latentloom/bench)")
+
+
+def _preset(args: argparse.Namespace) -> str:
+    from latentloom.benchmarking import sd_random, sdxl_random
+
+    preset = getattr(args, "preset", None) or "sd15"
+    if preset not in sd_random.PRESETS + sdxl_random.PRESETS:
+        raise ValueError(f"preset must be one of {list(sd_random.PRESETS + sdxl_random.PRESETS)}, got {preset!r}")
+    return preset
+
+
+DEFAULT_RESOLUTIONS = {"sd15": "512,1024", "tiny": "64,128", "sdxl": "1024", "sdxl-tiny": "64"}
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """Checked settings; ValueError names the bad value and what is accepted."""
-    from latentloom.benchmarking.sd_random import check_preset, check_resolution
+    from latentloom.benchmarking.sd_random import check_resolution
 
-    preset = check_preset(getattr(args, "preset", None) or "sd15")
-    text = args.resolutions or ("512,1024" if preset == "sd15" else "64,128")
+    preset = _preset(args)
+    text = args.resolutions or DEFAULT_RESOLUTIONS[preset]
     try:
         sides = [int(s) for s in str(text).split(",") if s.strip()]
     except ValueError:
@@ -83,8 +103,19 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     parts = [p.strip() for p in str(getattr(args, "parts", "image")).split(",") if p.strip()]
     if not parts or any(p not in PARTS for p in parts) or len(set(parts)) != len(parts):
         raise ValueError(f"--parts must be a comma list of distinct names from {list(PARTS)}, got {args.parts!r}")
+    sdxl = preset.startswith("sdxl")
+    if sdxl:  # the attention and VAE parts measure SD 1.5's layers; SDXL shares its VAE
+        parts = [p for p in parts if p == "image"]
+        if not parts:
+            raise ValueError(f"--preset {preset} measures the image part only (the attention and vae parts use "
+                             "SD 1.5's layers: run them with --preset sd15)")
+    limit = getattr(args, "memory_limit_gb", None)
+    if limit is not None and not limit > 0:
+        raise ValueError(f"--memory-limit-gb must be > 0, got {limit!r}")
+    memory_limit = int(limit * GB) if limit is not None else int(0.92 * memory_total_bytes()) or None
     return dict(preset=preset, resolutions=sides, steps=args.steps, threads=threads, parts=parts,
-                untiled_rows=bool(args.untiled_rows), timeout=float(args.child_timeout))
+                untiled_rows=bool(args.untiled_rows), timeout=float(args.child_timeout), sdxl=sdxl,
+                memory_limit=memory_limit, weights_dir=getattr(args, "weights_dir", None))
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -102,29 +133,43 @@ def run(args: argparse.Namespace) -> list[Table]:
 
 
 def image_table(s: dict[str, Any]) -> Table:
+    folder = None
+    if s["sdxl"]:
+        from latentloom.benchmarking.sdxl_random import saved_folder
+
+        folder = str(saved_folder(s["preset"], root=s["weights_dir"]))
     table = Table(
         title=f"Peak memory of one image ({s['preset']}, {s['steps']} denoising step(s) + text encoding + VAE "
               f"decode, CFG batch 2, CPU, {s['threads'] or 'default'} thread(s), each case in a fresh process)",
         header=["resolution", "library", "settings", "peak RSS GB", "image peak GB", "weights RSS GB", "s",
                 "ratio latentloom/diffusers"],
     )
+    common = dict(preset=s["preset"], steps=s["steps"], threads=s["threads"], timeout=s["timeout"],
+                  memory_limit=s["memory_limit"], folder=folder)
     for side in s["resolutions"]:
-        reference = measure_case(library="diffusers", preset=s["preset"], resolution=side, steps=s["steps"],
-                                 tiling="auto", threads=s["threads"], timeout=s["timeout"])
+        reference = measure_case(library="diffusers", resolution=side, tiling="auto", **common)
         table.add_row(_row(side, reference, None))
-        ours = measure_case(library="latentloom", preset=s["preset"], resolution=side, steps=s["steps"],
-                            tiling="auto", threads=s["threads"], timeout=s["timeout"])
+        ours = measure_case(library="latentloom", resolution=side, tiling="auto", **common)
         table.add_row(_row(side, ours, reference))
-        if s["untiled_rows"] and ours["tiled"]:
-            untiled = measure_case(library="latentloom", preset=s["preset"], resolution=side, steps=s["steps"],
-                                   tiling="off", threads=s["threads"], timeout=s["timeout"])
+        if s["sdxl"] and not ours.get("too_big") and ours["dtype"] != "float32":
+            table.add_row(_row(side, measure_case(library="latentloom", resolution=side, tiling="auto",
+                                                  dtype="float32", **common), reference))
+        if s["untiled_rows"] and ours.get("tiled"):
+            untiled = measure_case(library="latentloom", resolution=side, tiling="off", **common)
             table.add_row(_row(side, untiled, reference))
+    weights = "one random SDXL folder (sdxl_random, seed 0), loaded by each library" if s["sdxl"] else \
+        "the same random weights (sd_random, seed 0)"
+    pipeline = "StableDiffusionXLPipeline.from_pretrained: fp32, its Euler" if s["sdxl"] else \
+        "StableDiffusionPipeline as built: fp32, PNDM, no VAE tiling"
     table.notes += [
         "peak RSS = the child process's ru_maxrss (model building included); image peak = RSS polled every 2 ms "
         "during the image call; weights RSS = RSS just before it; ratio = peak RSS latentloom / diffusers",
-        "diffusers at its defaults (StableDiffusionPipeline as built: fp32, PNDM, no VAE tiling); latentloom at "
-        "its defaults (fast_dtype + optimize, vae_tiling automatic); the same random weights (sd_random, seed 0)",
+        f"diffusers at its defaults ({pipeline}); latentloom at its defaults (fast_dtype + optimize, vae_tiling "
+        f"automatic); {weights}",
     ]
+    if s["memory_limit"]:
+        table.notes.append(f"a case is stopped when its RSS passes {s['memory_limit'] / GB:.1f} GB "
+                           "(--memory-limit-gb): 'did not fit' rows")
     return table
 
 
@@ -156,7 +201,10 @@ def attention_table(s: dict[str, Any]) -> Table:
 
 
 def _row(side: int, result: dict[str, Any], reference: dict[str, Any] | None) -> list[Any]:
-    ratio = None if reference is None else result["max_rss"] / reference["max_rss"]
+    if result.get("too_big"):
+        return [f"{side}x{side}", result["library"], result["settings"],
+                f"did not fit (> {result['limit'] / GB:.1f})", None, None, None, None]
+    ratio = None if reference is None or reference.get("too_big") else result["max_rss"] / reference["max_rss"]
     return [f"{side}x{side}", result["library"], result["settings"], result["max_rss"] / GB,
             result["image_peak"] / GB, result["before_image"] / GB, result["seconds"], ratio]
 
@@ -182,31 +230,29 @@ def vae_table(s: dict[str, Any]) -> Table:
 
 
 def measure_case(*, library: str, preset: str, resolution: int, steps: int, tiling: str, threads: int,
-                 timeout: float = 3600.0) -> dict[str, Any]:
-    """Run one case in a fresh Python process and return what it measured (see `child`)."""
+                 timeout: float = 3600.0, memory_limit: int | None = None, folder: str | None = None,
+                 dtype: str | None = None) -> dict[str, Any]:
+    """Run one case in a fresh Python process and return what it measured (see `child`); a case
+    stopped at `memory_limit` returns {"too_big": True, ...} instead."""
     if library not in LIBRARIES:
         raise ValueError(f"library must be one of {list(LIBRARIES)}, got {library!r}")
     if tiling not in TILING:
         raise ValueError(f"tiling must be one of {list(TILING)}, got {tiling!r}")
     spec = dict(kind="image", library=library, preset=preset, resolution=resolution, steps=steps, tiling=tiling,
-                threads=threads)
-    return run_child(spec, threads=threads, timeout=timeout)
+                threads=threads, folder=folder, dtype=dtype)
+    try:
+        return run_child(spec, threads=threads, timeout=timeout, memory_limit=memory_limit)
+    except MemoryLimitExceeded as err:
+        settings = {"diffusers": "fp32 (its default)", "latentloom": dtype or "its defaults"}[library]
+        return dict(library=library, settings=settings, too_big=True, limit=err.limit)
 
 
-def run_child(spec: dict[str, Any], *, threads: int, timeout: float) -> dict[str, Any]:
+def run_child(spec: dict[str, Any], *, threads: int, timeout: float, memory_limit: int | None = None) -> dict[str, Any]:
     """`python -m latentloom.benchmarking.memory_bench --child SPEC` in a fresh process; its JSON result."""
-    spec = json.dumps(spec)
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)  # before torch starts its pool in the child
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    proc = subprocess.run([sys.executable, "-m", "latentloom.benchmarking.memory_bench", "--child", spec],
-                          capture_output=True, text=True, env=env, timeout=timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise RuntimeError(f"memory case {spec} failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(lines[-1])
+    from latentloom.benchmarking.measure import run_child as run_module_child
+
+    return run_module_child("latentloom.benchmarking.memory_bench", spec, threads=threads, timeout=timeout,
+                            memory_limit=memory_limit)
 
 
 # ---------------------------------------------------------------- inside the child process
@@ -223,12 +269,16 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from latentloom.benchmarking.measure import PeakRSS, max_rss_bytes, rss_bytes
     from latentloom.benchmarking.sd_random import check_preset, check_resolution
 
-    check_preset(spec["preset"])  # before the heavy imports: a bad spec fails fast
+    if not str(spec["preset"]).startswith("sdxl"):
+        check_preset(spec["preset"])  # before the heavy imports: a bad spec fails fast
     check_resolution(int(spec["resolution"]))
     if spec["threads"]:
         torch.set_num_threads(int(spec["threads"]))
     side = int(spec["resolution"])
-    make, describe = (_diffusers if spec["library"] == "diffusers" else _latentloom)(spec)
+    if spec.get("folder"):
+        make, describe = (_diffusers_sdxl if spec["library"] == "diffusers" else _latentloom_sdxl)(spec)
+    else:
+        make, describe = (_diffusers if spec["library"] == "diffusers" else _latentloom)(spec)
     gc.collect()
     before = rss_bytes()
     t0 = time.perf_counter()
@@ -238,7 +288,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     if image.size != (side, side):
         raise RuntimeError(f"expected a {side}x{side} image, got {image.size}")
     return dict(library=spec["library"], settings=describe, max_rss=max_rss_bytes(), image_peak=mem.peak,
-                before_image=before, seconds=seconds, tiled=bool(spec.get("tiled", False)))
+                before_image=before, seconds=seconds, tiled=bool(spec.get("tiled", False)),
+                dtype=spec.get("used_dtype"))
 
 
 def attention_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -355,6 +406,49 @@ def _latentloom(spec: dict[str, Any]):
     dtype_name = str(pipe.dtype).removeprefix("torch.") + (f" + {layout}" if layout else "")
     mode = f"{spec['tiling']} ({'on' if chosen else 'off'})" if tiling is None else spec["tiling"]
     return make, f"{dtype_name}, {pipe.defaults.sampler}, VAE tiling {mode}"
+
+
+def _diffusers_sdxl(spec: dict[str, Any]):
+    """diffusers' SDXL pipeline as a user loads it: from_pretrained at its defaults (fp32)."""
+    import diffusers
+    import torch
+
+    from latentloom.benchmarking.sd_random import quiet_libraries
+
+    quiet_libraries()
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(spec["folder"], add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    side = int(spec["resolution"])
+    spec["tiled"] = bool(pipe.vae.use_tiling)
+    spec["used_dtype"] = str(pipe.unet.dtype).removeprefix("torch.")
+
+    def make():
+        return pipe(PROMPT, height=side, width=side, num_inference_steps=int(spec["steps"]),
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+    return make, f"{spec['used_dtype']}, {type(pipe.scheduler).__name__}, VAE tiling {'on' if spec['tiled'] else 'off'}"
+
+
+def _latentloom_sdxl(spec: dict[str, Any]):
+    """latentloom.load_pipeline on the same folder, at its defaults (or `spec["dtype"]`)."""
+    import latentloom
+    from latentloom.vae.codec import auto_tiling
+
+    pipe = latentloom.load_pipeline(spec["folder"], device="cpu", dtype=spec.get("dtype"))
+    side = int(spec["resolution"])
+    tiling = TILING[spec["tiling"]]
+    f = pipe.vae_scale_factor
+    chosen = auto_tiling(pipe.vae, (1, pipe.latent_channels, side // f, side // f)) if tiling is None else tiling
+    spec["tiled"] = chosen
+    spec["used_dtype"] = str(pipe.dtype).removeprefix("torch.")
+
+    def make():
+        return pipe(PROMPT, height=side, width=side, num_inference_steps=int(spec["steps"]), seed=0,
+                    vae_tiling=tiling, progress=False).images[0]
+
+    mode = f"{spec['tiling']} ({'on' if chosen else 'off'})" if tiling is None else spec["tiling"]
+    chosen_dtype = "" if spec.get("dtype") is None else " (chosen)"
+    return make, f"{spec['used_dtype']}{chosen_dtype}, {pipe.defaults.sampler}, VAE tiling {mode}"
 
 
 def main(argv: list[str] | None = None) -> int:

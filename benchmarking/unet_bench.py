@@ -1,4 +1,5 @@
-"""latentloom UNet vs diffusers UNet2DConditionModel: same random SD-sized weights, one process.
+"""latentloom UNet vs diffusers UNet2DConditionModel: same random SD-sized weights, one process
+(SDXL presets: one process per library and round, see `unet_bench_separate`).
 
 The two models run in alternation (shared cores make absolute seconds noise; the ratio is
 the result): median seconds per forward, the ratio latentloom/diffusers, the peak RSS growth
@@ -21,7 +22,8 @@ MODES = {  # name -> (dtype name, channels_last)
     "fp16": ("float16", False),
     "fp16-cl": ("float16", True),
 }
-PRESETS = ("sd15", "sd2", "tiny")
+PRESETS = ("sd15", "sd2", "tiny", "sdxl", "sdxl-tiny")
+SEPARATE = ("sdxl", "sdxl-tiny")  # too big for two models in one process: unet_bench_separate
 BACKENDS = ("sdpa", "xformers", "chunked", "math")  # latentloom.unet.attention.BACKENDS (no torch import here)
 DEFAULT_RUNS = 3
 
@@ -35,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="sdpa", help="latentloom attention backend")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--profile", action="store_true", help="print both models' top ops (torch.profiler)")
+    parser.add_argument("--weights-dir", default=None,
+                        help="SDXL presets: where the random SDXL folder is written once (default ~/.cache/latentloom/bench)")
 
 
 def parse_modes(text: Any) -> list[str]:
@@ -61,6 +65,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--backend must be one of {list(BACKENDS)}, got {args.backend!r}")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if args.preset in SEPARATE and (args.compile or args.profile or args.device != "cpu"):
+        raise ValueError(f"--preset {args.preset} runs each library in its own process on the CPU: "
+                         "--compile, --profile and --device are not supported with it")
 
 
 def build_models(preset: str, backend: str):
@@ -89,6 +96,11 @@ def run(args: argparse.Namespace) -> list[Table]:
     from latentloom.benchmarking.sd_random import quiet_libraries
 
     check_args(args)
+    if args.preset in SEPARATE:
+        from latentloom.benchmarking import unet_bench_separate
+
+        modes = sorted(parse_modes(args.modes), key=lambda m: MODES[m][0] != "float32")
+        return unet_bench_separate.run(args, {m: MODES[m] for m in modes})
     quiet_libraries()
     preset, runs = args.preset or "sd15", DEFAULT_RUNS if args.runs is None else args.runs
     # fp32 modes first: later modes cast the same modules in place, and a cast back up to

@@ -38,6 +38,18 @@ def positive(value) -> bool:
 
 
 # ------------------------------------------------------------------ the CLI targets
+def test_bench_unet_sdxl_runs_each_library_in_its_own_process(tmp_path, capsys):
+    out, data = bench(["unet", "--preset", "sdxl-tiny", "--runs", "2", "--size", "16", "--modes", "fp32",
+                       "--weights-dir", str(tmp_path / "weights")], tmp_path, capsys)
+    (table,) = data["tables"]
+    assert "each library in its own process" in table["title"] and "y 160" in table["title"]
+    (row,) = table["rows"]
+    assert row[0] == "fp32" and len(row) == len(table["header"])
+    assert all(positive(v) for v in row[1:10]), row
+    assert row[10] < 1e-4  # the same weights and inputs: the same output
+    assert out.count(" round ") == 4  # two rounds x two libraries
+
+
 def test_bench_unet_tiny_table_and_json(tmp_path, capsys):
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -73,6 +73,29 @@ def test_memory_run_adds_an_untiled_row_where_the_automatic_choice_tiles(monkeyp
     assert len(table.rows) == 2 and ("latentloom", 128, "off") not in calls
 
 
+def test_sdxl_memory_loads_one_saved_folder_in_each_process_and_stops_a_case_at_its_limit(tmp_path):
+    """--preset sdxl-tiny: the random SDXL folder is written once; diffusers' from_pretrained and
+    latentloom's load_pipeline read it; latentloom's fp32 row appears where its default dtype is not fp32."""
+    from latentloom.pipelines.runtime import fast_dtype
+
+    (table,) = memory_bench.run(memory_args(preset="sdxl-tiny", resolutions="64", weights_dir=str(tmp_path),
+                                            memory_limit_gb=None))
+    assert (tmp_path / "sdxl-tiny-seed0" / "model_index.json").is_file()
+    libraries = [row[1] for row in table.rows]
+    default_is_fp32 = str(fast_dtype("cpu")) == "torch.float32"
+    assert libraries == ["diffusers", "latentloom"] + ([] if default_is_fp32 else ["latentloom"])
+    assert "EulerDiscreteScheduler" in table.rows[0][2]
+    if not default_is_fp32:
+        assert table.rows[2][2].startswith("float32 (chosen)")
+    for row in table.rows:
+        assert all(positive(v) for v in row[3:7]), row
+    stopped = memory_bench.measure_case(library="latentloom", preset="sdxl-tiny", resolution=64, steps=1,
+                                        tiling="auto", threads=1, memory_limit=int(0.05e9),
+                                        folder=str(tmp_path / "sdxl-tiny-seed0"))
+    assert stopped["too_big"] and stopped["limit"] == int(0.05e9)
+    assert memory_bench._row(64, stopped, None)[3] == "did not fit (> 0.1)"
+
+
 @pytest.mark.parametrize("overrides, match", [
     (dict(parts="image,warp"), "--parts must be a comma list of distinct names"),
     (dict(resolutions="500"), "resolution must be a multiple of 64"),
@@ -82,6 +105,8 @@ def test_memory_run_adds_an_untiled_row_where_the_automatic_choice_tiles(monkeyp
     (dict(child_timeout=0.0), "--child-timeout must be > 0"),
     (dict(preset="sd3"), "preset must be one of"),
     (dict(threads=-1), "--threads must be >= 0, got -1"),
+    (dict(preset="sdxl-tiny", parts="attention"), "measures the image part only"),
+    (dict(memory_limit_gb=0.0), "--memory-limit-gb must be > 0"),
 ])
 def test_memory_settings_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
