@@ -58,16 +58,48 @@ def check_safetensors(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_safetensors(path: str | os.PathLike, *, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors file; ValueError naming the file when it is broken."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_safetensors(path: str | os.PathLike, *, device: str = "cpu",
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file; ValueError naming the file when it is broken.
 
-    path = check_safetensors(path)
+    dtype: cast floating-point tensors to it as each is read, so an fp32 file loaded in bf16 never
+    holds the whole fp32 copy. Tensors are read with plain file reads rather than a memory map, so
+    the file's pages stay in the page cache instead of in this process's resident memory."""
+    import json
+
+    path = check_safetensors(path)  # header and offsets checked by the safetensors library first
+    out: dict[str, torch.Tensor] = {}
     try:
-        return load_file(str(path), device=device)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+            start = 8 + header_len
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                stored = _SAFETENSORS_DTYPES.get(entry["dtype"])
+                if stored is None:
+                    raise ValueError(f"tensor {name!r} has dtype {entry['dtype']}, which latentloom does not read")
+                begin, end = entry["data_offsets"]
+                tensor = torch.empty(entry["shape"], dtype=stored)
+                view = tensor.view(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
+                if view.numel() != end - begin:
+                    raise ValueError(f"tensor {name!r}: {end - begin} bytes for shape {entry['shape']}")
+                f.seek(start + begin)
+                if f.readinto(memoryview(view.numpy())) != end - begin:
+                    raise ValueError(f"tensor {name!r} is cut short")
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                out[name] = tensor.to(device) if device != "cpu" else tensor
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise ValueError(f"{path} is not a readable .safetensors file: {err}") from err
+    return out
+
+
+# safetensors' dtype names -> torch (every dtype a diffusion checkpoint holds)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def _existing(path: str | os.PathLike) -> Path:

@@ -64,18 +64,18 @@ def load_pipeline(
                 f"the bundled {bundled} model is not in this install yet (expected "
                 f"{folder}/model_index.json); pass a model path, e.g. a Stable Diffusion folder"
             )
-        pipe = load_latentloom_folder(folder, name=f"bundled:{bundled}")
+        pipe = load_latentloom_folder(folder, name=f"bundled:{bundled}", dtype=dtype)
     else:
         source = Path(path)
         if source.is_dir():
-            pipe = load_folder(source)
+            pipe = load_folder(source, dtype=dtype)
         elif source.is_file():
             from latentloom.pipelines.single_file import load_single_file
 
             pipe = load_single_file(source, tokenizer=tokenizer, prediction_type=prediction_type,
                                     allow_pickle=allow_pickle, unet_config=unet_config)
         elif isinstance(path, str) and _HUB_ID.match(path) and not path.startswith((".", "/")):
-            pipe = load_folder(_download(path))
+            pipe = load_folder(_download(path), dtype=dtype)
             pipe.name = path
         else:
             raise FileNotFoundError(
@@ -87,17 +87,18 @@ def load_pipeline(
     return optimize(pipe.to(device=device, dtype=dtype), channels_last=channels_last, compile=compile)
 
 
-def load_folder(folder: Path) -> Pipeline:
+def load_folder(folder: Path, *, dtype: torch.dtype | None = None) -> Pipeline:
+    """A diffusers or latentloom model folder; `dtype`: the UNet's, read straight into it (one copy)."""
     if not (folder / INDEX_NAME).is_file():
         hint = " (this looks like a UNet folder; pass the pipeline folder above it)" if (folder / "config.json").is_file() else ""
         raise FileNotFoundError(f"{folder} has no model_index.json, so it is not a model folder{hint}")
     index = read_model_index(folder)
     if index.get("format") == FORMAT:
-        return load_latentloom_folder(folder, name=str(folder))
-    return load_diffusers_folder(folder, index)
+        return load_latentloom_folder(folder, name=str(folder), dtype=dtype)
+    return load_diffusers_folder(folder, index, dtype=dtype)
 
 
-def load_diffusers_folder(folder: Path, index: dict[str, Any]) -> Pipeline:
+def load_diffusers_folder(folder: Path, index: dict[str, Any], *, dtype: torch.dtype | None = None) -> Pipeline:
     """A diffusers Stable Diffusion folder (1.x / 2.x, or SDXL with text_encoder_2/): our UNet,
     diffusers' VAE, transformers' CLIP."""
     from latentloom.text_encoders import CLIPEncoder
@@ -113,7 +114,7 @@ def load_diffusers_folder(folder: Path, index: dict[str, Any]) -> Pipeline:
     encoder_class = (index.get("text_encoder") or [None, None])[1]
     if encoder_class not in ("CLIPTextModel", None):
         raise ValueError(f"{folder}: text encoder {encoder_class!r} is not supported here (CLIPTextModel is)")
-    unet = UNet.from_diffusers(folder / "unet")
+    unet = UNet.from_diffusers(folder / "unet", dtype=dtype)
     vae = load_vae(folder / "vae")
     if sdxl:
         from latentloom.text_encoders.sdxl import SDXLTextEncoders
@@ -136,7 +137,7 @@ def load_diffusers_folder(folder: Path, index: dict[str, Any]) -> Pipeline:
     return pipe
 
 
-def load_latentloom_folder(folder: Path, *, name: str) -> Pipeline:
+def load_latentloom_folder(folder: Path, *, name: str, dtype: torch.dtype | None = None) -> Pipeline:
     """A folder written by `latentloom train` (the bundled model is one)."""
     from latentloom.unet import UNet
 
@@ -144,7 +145,7 @@ def load_latentloom_folder(folder: Path, *, name: str) -> Pipeline:
     for part in ("unet", "vae", "scheduler"):
         if not (folder / part).is_dir():
             raise FileNotFoundError(f"{folder} is missing its {part}/ folder")
-    unet = UNet.from_pretrained(folder / "unet")
+    unet = UNet.from_pretrained(folder / "unet", dtype=dtype)
     vae = load_vae(folder / "vae")
     text_encoder = _text_encoder_from_index(folder, index.get("text_encoder") or {})
     schedule = _read_schedule(folder / "scheduler" / "scheduler_config.json")

@@ -71,14 +71,15 @@ def load_from_diffusers(module_or_folder: Any, *, dtype: torch.dtype | None = No
         hint = " (a pipeline folder? pass its 'unet' subfolder)" if (folder / "unet").is_dir() else ""
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}{hint}")
     cfg = _parse_config(config_path, UNetConfig.from_diffusers_config)
-    sd = diffusers_to_ours(_read_diffusers_weights(folder), cfg)
+    sd = diffusers_to_ours(_read_diffusers_weights(folder, dtype), cfg)
     return build_with_weights(cfg, sd, source=str(folder), dtype=dtype)
 
 
-def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
+def _read_diffusers_weights(folder: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The folder's weights, cast to `dtype` (if given) tensor by tensor as they are read."""
     for name in DIFFUSERS_WEIGHTS:
         if (folder / name).is_file():
-            return load_safetensors(folder / name)
+            return load_safetensors(folder / name, dtype=dtype)
     index = folder / DIFFUSERS_INDEX
     if index.is_file():
         weight_map = read_json_object(index).get("weight_map")
@@ -88,7 +89,7 @@ def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
         for shard in sorted(set(weight_map.values())):
             if Path(shard).name != shard:  # a shard name must not lead out of the folder
                 raise ValueError(f"{index}: shard {shard!r} is not a file name in {folder}")
-            sd.update(load_safetensors(folder / shard))
+            sd.update(load_safetensors(folder / shard, dtype=dtype))
         return sd
     pickles = sorted(p.name for p in folder.glob("*.bin"))
     if pickles:
@@ -128,7 +129,7 @@ def load_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
-    return build_with_weights(cfg, load_safetensors(weights), source=str(weights), dtype=dtype)
+    return build_with_weights(cfg, load_safetensors(weights, dtype=dtype), source=str(weights), dtype=dtype)
 
 
 def _parse_config(path: Path, parse) -> UNetConfig:
