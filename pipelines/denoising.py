@@ -66,6 +66,8 @@ def text_conditions(pipe, prompts: list[str], negatives: list[str] | None, *, gu
         cond_emb, uncond_emb = encoder.encode_pair(prompts, negatives, **second, **negative_second)
     else:
         cond_emb, uncond_emb = encoder.encode(prompts, **second), None
+    if hasattr(encoder, "release_weights") and pipe.releases_text_encoders():
+        encoder.release_weights()  # until a prompt not in the cache needs them again
 
     def as_kwargs(emb, *, negative: bool) -> dict:
         kwargs = {"context": emb.hidden.to(pipe.device)}

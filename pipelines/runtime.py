@@ -38,6 +38,16 @@ def cpu_supports_fast_bf16() -> bool:
     return False
 
 
+def physical_memory_bytes() -> int:
+    """This machine's RAM (0 where the OS does not say)."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 def fast_dtype(device: torch.device | str) -> torch.dtype:
     """The default weights dtype for `device`: fp16 on CUDA (SD's published dtype; the VAE
     is kept in fp32 where it would overflow, see `vae_dtype`), bf16 on CPUs with native bf16,

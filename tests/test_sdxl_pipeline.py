@@ -461,3 +461,55 @@ def test_sdxl_call_defaults_follow_diffusers_sdxl_pipeline(sdxl):
     got = ours(prompt="a red circle", num_inference_steps=3, height=16, width=16, sampler="euler", output_type="np",
                generator=torch.Generator().manual_seed(2), progress=False).images
     assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_text_encoders_are_released_after_encoding_and_read_back_for_a_new_prompt(sdxl, monkeypatch):
+    """release_text_encoders: the encoders' weights are freed once a call's prompts are encoded (the
+    UNet and VAE then run without them), read back from their files for a prompt not in the cache,
+    and the images do not change; by default only where the model takes over half of the RAM."""
+    from latentloom.pipelines import runtime
+
+    reference, kept = sdxl
+    folder = kept.name
+    pipe = latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
+    encoders = pipe.text_encoder.encoders
+    reads = []
+    for encoder in encoders:
+        original = encoder.reload
+        encoder.reload = lambda original=original: reads.append(1) or original()
+    args = dict(num_inference_steps=2, guidance_scale=5.0, height=16, width=16, seed=3, output_type="np",
+                progress=False)
+    monkeypatch.setattr(runtime, "physical_memory_bytes", lambda: 10**15)
+    assert not pipe.releases_text_encoders()  # a tiny model on any machine: kept
+    monkeypatch.setattr(runtime, "physical_memory_bytes", lambda: 1000)
+    assert pipe.releases_text_encoders()  # "over half the RAM"
+    first = pipe("a red circle", **args).images
+    assert all(e.released and next(e.model.parameters()).device.type == "meta" for e in encoders)
+    assert pipe.text_encoder.released and reads == []
+    again = pipe("a red circle", **args).images  # cached prompts: nothing read back
+    assert reads == [] and np.array_equal(first, again)
+    other = pipe("two blue stars", **args).images  # a new prompt: both encoders read back, then freed
+    assert len(reads) == 2 and pipe.text_encoder.released
+    for prompt, got in (("a red circle", first), ("two blue stars", other)):  # (kept's cache may hold
+        np.testing.assert_allclose(got, kept(prompt, **args).images, rtol=0, atol=1e-6)  # batched encodings)
+    pipe.release_text_encoders = False
+    pipe("a green square", **args)
+    assert not any(e.released for e in encoders)
+
+
+def test_a_lora_merged_into_a_text_encoder_keeps_it_resident(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = save_sd_folder(tiny_sdxl_pipeline(), tmp_path / "sdxl")
+    pipe = latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
+    pipe.release_text_encoders = True
+    pipe("a red circle", num_inference_steps=1, height=16, width=16, seed=0, progress=False)
+    assert pipe.text_encoder.encoder_1.released
+    name = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({f"{name}.lora_down.weight": torch.ones(2, 32), f"{name}.lora_up.weight": torch.ones(32, 2) * 0.01},
+              str(tmp_path / "te.safetensors"))
+    report = pipe.load_lora(tmp_path / "te.safetensors")
+    assert report.applied_keys == 2 and not pipe.text_encoder.encoder_1.released
+    assert all(p.device.type == "cpu" for p in pipe.text_encoder.encoder_1.model.parameters())
+    assert not pipe.text_encoder.encoder_1.release_weights()  # its files no longer hold its weights
+    assert pipe.text_encoder.encoder_2.release_weights()  # untouched by the LoRA: still releasable

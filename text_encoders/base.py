@@ -99,6 +99,10 @@ class FrozenTextEncoder:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, _Encoded] = OrderedDict()
         self._empty_window: "tuple[tuple, torch.Tensor] | None" = None  # settings, (T, D): _empty_window_hidden
+        # reload: builds the model again from its files (set by from_pretrained), so release_weights
+        # can free it between calls; released: (device, dtype) the model had when it was freed
+        self.reload = None
+        self._released: "tuple[torch.device, torch.dtype] | None" = None
         # Frozen: no gradients, eval mode (dropout off); encode() also runs under no_grad.
         model.requires_grad_(False)
         model.eval()
@@ -140,11 +144,42 @@ class FrozenTextEncoder:
     # ---- the shared contract -----------------------------------------------------------------
     @property
     def device(self) -> "torch.device":
-        return next(self.model.parameters()).device
+        return self._released[0] if self._released else next(self.model.parameters()).device
 
     @property
     def dtype(self) -> "torch.dtype":
-        return next(self.model.parameters()).dtype
+        return self._released[1] if self._released else next(self.model.parameters()).dtype
+
+    @property
+    def released(self) -> bool:
+        return self._released is not None
+
+    def release_weights(self) -> bool:
+        """Free the model's weights until the next prompt that is not cached needs them (they are read
+        from the model's files again then). False, and nothing freed, where they cannot be read again:
+        a model built in memory, or weights changed since loading (a merged LoRA)."""
+        if self.reload is None or self._released is not None:
+            return False
+        self._released = (self.device, self.dtype)
+        self.model.to("meta")  # the structure stays (config, hidden size); the storage is freed
+        return True
+
+    def restore_weights(self) -> None:
+        """Read released weights back (a no-op unless `release_weights` freed them)."""
+        if self._released is None:
+            return
+        device, dtype = self._released
+        model = self.reload()
+        model.requires_grad_(False)
+        self.model = model.eval().to(device=device, dtype=dtype)
+        self._released = None
+
+    def weights_changed(self) -> None:
+        """The weights were changed in place (a LoRA): forget cached encodings, and never release
+        them (their files no longer hold them)."""
+        self.restore_weights()
+        self.reload = None
+        self.clear_cache()
 
     @property
     def hidden_size(self) -> int:
@@ -152,7 +187,13 @@ class FrozenTextEncoder:
 
     def to(self, device=None, dtype=None) -> "FrozenTextEncoder":
         """Move the model (e.g. to the pipeline's device); it may stay fp32 while the UNet does not."""
-        self.model.to(device=device, dtype=dtype)
+        import torch
+
+        if self._released is not None:  # moved when it is read again
+            old_device, old_dtype = self._released
+            self._released = (torch.device(device) if device is not None else old_device, dtype or old_dtype)
+        else:
+            self.model.to(device=device, dtype=dtype)
         self.clear_cache()
         return self
 
@@ -337,6 +378,7 @@ class FrozenTextEncoder:
             ids[n, : len(window)] = torch.tensor(window, dtype=torch.long)
             mask[n, : len(window)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
+        self.restore_weights()  # every model call comes through here
         hidden, pooled = self._forward(ids, mask)
         return hidden, mask, pooled
 

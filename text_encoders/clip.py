@@ -174,7 +174,7 @@ class CLIPEncoder(FrozenTextEncoder):
         if wrong:
             raise ValueError(f"{model_dir}: the text encoder weights do not fit its config.json: {wrong}")
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        return cls(
+        encoder = cls(
             model,
             tokenizer,
             clip_skip=clip_skip,
@@ -182,3 +182,10 @@ class CLIPEncoder(FrozenTextEncoder):
             weighting=weighting,
             cache_size=cache_size,
         )
+
+        def reload():  # the same files, read again (already checked above)
+            with quiet_loading():
+                return model_class.from_pretrained(str(model_dir), **load_kwargs)
+
+        encoder.reload = reload
+        return encoder

@@ -59,6 +59,14 @@ class SDXLTextEncoders:
         for encoder in self.encoders:
             encoder.clear_cache()
 
+    def release_weights(self) -> bool:
+        """Free both encoders' weights until a new prompt needs them (see FrozenTextEncoder)."""
+        return all([encoder.release_weights() for encoder in self.encoders])
+
+    @property
+    def released(self) -> bool:
+        return all(encoder.released for encoder in self.encoders)
+
     def encode(self, prompts: Sequence[str], prompts_2: Sequence[str] | None = None) -> TextEmbedding:
         prompts = check_prompts(prompts)
         prompts_2 = prompts if prompts_2 is None else _same_count(check_prompts(prompts_2), prompts, "prompts_2")

@@ -175,6 +175,8 @@ def load_lora(
         encoders = {"text_encoder": text_encoder}
     for target, encoder in encoders.items():
         if encoder is not None:
+            if hasattr(encoder, "restore_weights"):
+                encoder.restore_weights()  # released weights are read back before anything merges into them
             inner = getattr(encoder, "model", encoder)
             indexes[target] = _module_index(inner, prefix="text_model.")  # Kohya spells text_model...
             models[target] = inner
@@ -217,6 +219,9 @@ def load_lora(
         warnings.warn(message, stacklevel=2)
     if hasattr(text_encoder, "clear_cache"):
         text_encoder.clear_cache()  # cached prompt encodings predate the new weights
+    for target, encoder in encoders.items():
+        if any(m.startswith(f"{target}.") for m in modules) and hasattr(encoder, "weights_changed"):
+            encoder.weights_changed()  # its files no longer hold its weights: never released and re-read
     return report
 
 
