@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from latentloom.samplers import get_sampler
-from latentloom.samplers.schedules import ScheduleConfig
+from latentloom.samplers.schedules import TIMESTEP_SPACINGS, ScheduleConfig
 from latentloom.vae.codec import check_tiling
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -155,6 +155,9 @@ def check_unet_channels(pipe, *, expected: tuple[int, ...], task: str) -> int:
     return channels
 
 
+TCD_ETA = 0.3  # TCD's default gamma (diffusers' TCDScheduler.step)
+
+
 @dataclass
 class CallArgs:
     """The checked arguments every pipeline call shares (`parse_call`)."""
@@ -175,6 +178,20 @@ class CallArgs:
     prompts_2: list[str] | None = None  # SDXL's second text encoder (default: the prompts)
     negatives_2: list[str] | None = None
     micro: Any = None  # SDXL's micro-conditioning (`micro_conditioning.MicroConditioning`), set with the size
+    eta: float | None = None  # TCD's gamma (stochasticity); None for other samplers
+    timesteps: list[float] | None = None  # the caller's own schedule (diffusers' timesteps= / sigmas=)
+    sigmas: list[float] | None = None
+    # LCM-distilled UNets read the guidance scale through their guidance embedding: one UNet call per
+    # step, no classifier-free guidance (diffusers' LCM semantics)
+    guidance_embedded: bool = False
+
+    @property
+    def guidance_mode(self) -> str:
+        """What the guidance scale did: "embedded" (into an LCM UNet), "cfg" (two branches per
+        step), or "none" (guidance_scale <= 1: one UNet call per step)."""
+        if self.guidance_embedded:
+            return "embedded"
+        return "cfg" if self.scale > 1.0 else "none"
 
     @property
     def batch(self) -> int:
@@ -184,13 +201,29 @@ class CallArgs:
 def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: Any, guidance_scale: Any,
                guidance_rescale: Any, sampler: Any, karras_sigmas: Any, num_images_per_prompt: Any,
                output_type: Any, seed: Any, generator: Any, vae_tiling: Any = None,
-               scheduler_config: Any = None, prompt_2: Any = None, negative_prompt_2: Any = None) -> CallArgs:
+               scheduler_config: Any = None, prompt_2: Any = None, negative_prompt_2: Any = None,
+               eta: Any = None, timesteps: Any = None, sigmas: Any = None,
+               timestep_spacing: Any = None) -> CallArgs:
     """Check the shared arguments (None = the model's default) before any work is done."""
     d = pipe.defaults
     prompts = check_prompt_list(prompt)
     negatives = check_negative(negative_prompt, len(prompts))
-    steps = check_int(d.num_inference_steps if num_inference_steps is None else num_inference_steps,
+    custom = check_custom_schedule(timesteps, sigmas)
+    # timesteps are the steps; sigmas the whole ladder, its last entry where sampling ends (diffusers')
+    custom_steps = None if custom is None else len(custom) - (1 if sigmas is not None else 0)
+    if custom is not None and num_inference_steps is not None and num_inference_steps != custom_steps:
+        raise ValueError(f"num_inference_steps={num_inference_steps} but the "
+                         f"{'timesteps' if timesteps is not None else 'sigmas'} give {custom_steps} steps; leave it out")
+    steps = check_int(custom_steps if custom is not None else
+                      d.num_inference_steps if num_inference_steps is None else num_inference_steps,
                       "num_inference_steps", low=1, high=pipe.schedule.num_train_timesteps)
+    if timestep_spacing is not None:
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {list(TIMESTEP_SPACINGS)}, got {timestep_spacing!r}")
+        if scheduler_config is not None and not isinstance(scheduler_config, dict):
+            raise TypeError(f"scheduler_config must be a dict of scheduler_config.json keys, got "
+                            f"{type(scheduler_config).__name__}")
+        scheduler_config = {**(scheduler_config or {}), "timestep_spacing": timestep_spacing}
     scale = check_float(d.guidance_scale if guidance_scale is None else guidance_scale, "guidance_scale", low=0.0)
     rescale = check_float(guidance_rescale, "guidance_rescale", low=0.0, high=1.0)
     sampler = sampler or d.sampler
@@ -199,6 +232,9 @@ def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: 
     per_prompt = check_int(num_images_per_prompt, "num_images_per_prompt", low=1, high=64)
     output_type = check_output_type(output_type)
     karras = schedule.use_karras_sigmas if karras_sigmas is None else check_bool(karras_sigmas, "karras_sigmas")
+    if custom is not None and karras:
+        raise ValueError("karras_sigmas and a custom timesteps / sigmas list do not go together: the list is the "
+                         "schedule")
     vae_tiling = check_tiling(vae_tiling)
     generator, seeds = make_generators(seed=seed, generator=generator, batch=len(prompts) * per_prompt)
     prompts_2 = negatives_2 = None
@@ -212,8 +248,37 @@ def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: 
                 raise ValueError(f"got {len(prompts_2)} prompt_2 for {len(prompts)} prompts; pass one per prompt")
         if negative_prompt_2 is not None:
             negatives_2 = check_negative(negative_prompt_2, len(prompts))
+    if eta is not None and sampler != "tcd":
+        raise ValueError(f"eta (TCD's gamma) applies to sampler 'tcd', not {sampler!r}")
+    if sampler == "tcd":
+        eta = check_float(TCD_ETA if eta is None else eta, "eta", low=0.0, high=1.0)
+    embedded = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
     return CallArgs(prompts, negatives, steps, scale, rescale, sampler, karras, per_prompt, output_type,
-                    generator, seeds, schedule, vae_tiling, prompts_2, negatives_2)
+                    generator, seeds, schedule, vae_tiling, prompts_2, negatives_2, eta=eta,
+                    guidance_embedded=embedded, timesteps=None if timesteps is None else custom,
+                    sigmas=None if sigmas is None else custom)
+
+
+def check_custom_schedule(timesteps: Any, sigmas: Any) -> list[float] | None:
+    """A caller's timesteps or sigmas list as floats (their order and range are checked with the model)."""
+    if timesteps is None and sigmas is None:
+        return None
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("give timesteps or sigmas, not both")
+    name, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) == 0:
+        raise ValueError(f"{name} must be a non-empty list of numbers, got {values!r}")
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a list of numbers, got {values!r}") from None
+    if name == "sigmas" and len(out) < 2:
+        raise ValueError(f"sigmas is the whole ladder, from the first step's noise level down to where sampling ends "
+                         f"(usually 0): at least 2 entries, got {values!r}")
+    if name == "timesteps" and any(v != int(v) for v in out):
+        raise ValueError(f"timesteps must be whole numbers (model timesteps), got {values!r}; fractional noise "
+                         "levels go in sigmas=")
+    return out
 
 
 def call_schedule(pipe, sampler: str, scheduler_config: Any = None) -> ScheduleConfig:

@@ -39,9 +39,17 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--guidance-rescale", type=float, default=None,
                        help="rescale guided predictions toward the conditional one's std, 0..1 (default: 0)")
     group.add_argument("--sampler", default=None,
-                       help="ddpm, ddim, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, unipc")
+                       help="ddpm, ddim, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, unipc, lcm (LCM models and "
+                            "LoRAs), tcd (TCD LoRAs)")
     group.add_argument("--karras", action="store_true", default=None, dest="karras_sigmas",
                        help="Karras noise levels")
+    group.add_argument("--timestep-spacing", default=None, choices=("leading", "trailing", "linspace"),
+                       help="override the model's spacing of the steps (Turbo-style models: trailing)")
+    group.add_argument("--timesteps", type=_numbers(int), default=None, metavar="T1,T2,...",
+                       help="your own descending step timesteps, e.g. 999,759,499,259 (sets --steps)")
+    group.add_argument("--sigmas", type=_numbers(float), default=None, metavar="S1,S2,...",
+                       help="your own descending noise levels (sets --steps)")
+    group.add_argument("--eta", type=float, default=None, help="tcd: its gamma, 0..1 (default 0.3)")
     group.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: random)")
     group.add_argument("--num-images", type=int, default=1, dest="num_images_per_prompt")
     group.add_argument("--clip-guidance", type=float, default=None, dest="clip_guidance_scale",
@@ -49,6 +57,19 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--output", "-o", default=None,
                        help=f"PNG path; several images become NAME-0.png, NAME-1.png, ... (default: {DEFAULT_OUTPUT})")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _numbers(kind: type):
+    """argparse type: a comma-separated list of `kind` numbers."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}")
+        return values
+    return parse
 
 
 # SDXL's second prompts and micro-conditioning (pipeline arguments, recorded in recipes)
@@ -77,7 +98,8 @@ def call_kwargs(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, A
 
 
 SAMPLING_NAMES = ("negative_prompt", "num_inference_steps", "guidance_scale", "guidance_rescale", "sampler",
-                  "karras_sigmas", "seed", "num_images_per_prompt", "clip_guidance_scale")
+                  "karras_sigmas", "seed", "num_images_per_prompt", "clip_guidance_scale", "timestep_spacing",
+                  "timesteps", "sigmas", "eta")
 
 
 def check_output(path: str) -> None:

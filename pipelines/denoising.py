@@ -102,22 +102,38 @@ def build_denoiser(pipe, *, cond: dict, uncond: dict | None, guidance_scale: flo
 
 def guided_denoiser(pipe, call: CallArgs, *, extra: dict | None = None):
     """Encode the prompts and build the (CFG-)guided denoiser; `extra` as in `build_denoiser`."""
-    cond, uncond = text_conditions(pipe, call.prompts, call.negatives, guided=call.scale > 1.0,
+    cond, uncond = text_conditions(pipe, call.prompts, call.negatives, guided=call.guidance_mode == "cfg",
                                    prompts_2=call.prompts_2, negatives_2=call.negatives_2, micro=call.micro)
     cond = repeat_cond(cond, call.per_prompt)
     uncond = repeat_cond(uncond, call.per_prompt) if uncond is not None else None
+    if call.guidance_embedded:  # w = scale - 1, diffusers' LCM convention
+        cond["guidance"] = torch.full((call.batch,), call.scale - 1.0, device=pipe.device)
     return build_denoiser(pipe, cond=cond, uncond=uncond, guidance_scale=call.scale,
                           guidance_rescale=call.rescale, schedule=call.schedule, extra=extra)
 
 
 def call_sigmas(pipe, call: CallArgs) -> torch.Tensor:
     """The full sigma ladder (N + 1,) for this call's sampler, step count and resolved schedule."""
-    from latentloom.samplers.schedules import make_sigmas
+    from latentloom.samplers.schedules import custom_sigmas, make_sigmas
 
     cfg = call.schedule
+    if call.timesteps is not None or call.sigmas is not None:
+        return custom_sigmas(pipe.discrete_schedule(cfg), sampler=call.sampler, timesteps=call.timesteps,
+                             sigmas=call.sigmas, set_alpha_to_one=cfg.set_alpha_to_one)
     return make_sigmas(pipe.discrete_schedule(cfg), call.steps, sampler=call.sampler,
                        timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset, karras=call.karras,
-                       set_alpha_to_one=cfg.set_alpha_to_one)
+                       set_alpha_to_one=cfg.set_alpha_to_one, original_inference_steps=cfg.original_inference_steps)
+
+
+def sampler_options(pipe, call: CallArgs, sigmas: torch.Tensor) -> dict[str, Any]:
+    """What the consistency samplers need beside the sigmas they walk: LCM the integer timestep of
+    each step and its time scale, TCD the level each step jumps to (from its eta)."""
+    if call.sampler not in ("lcm", "tcd"):
+        return {}
+    from latentloom.samplers.consistency import consistency_options
+
+    return consistency_options(call.sampler, pipe.discrete_schedule(call.schedule), sigmas,
+                               timestep_scaling=call.schedule.timestep_scaling, eta=call.eta)
 
 
 def run_sampler(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator,

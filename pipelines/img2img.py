@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 
 from latentloom.pipelines.arguments import check_float, check_unet_channels, parse_call
-from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
+from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler, sampler_options
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.image_input import (
     check_image_size, encode_for_batch, expand_to_batch, images_to_tensor, per_prompt_images, record_hashes,
@@ -38,6 +38,10 @@ def image_to_image(
     sampler: str | None = None,
     karras_sigmas: bool | None = None,
     scheduler_config: dict | None = None,
+    eta: float | None = None,
+    timesteps: list[int] | None = None,
+    sigmas: list[float] | None = None,
+    timestep_spacing: str | None = None,
     prompt_2: str | list[str] | None = None,
     negative_prompt_2: str | list[str] | None = None,
     original_size: tuple[int, int] | None = None,
@@ -72,7 +76,8 @@ def image_to_image(
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
                       karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
                       output_type=output_type, seed=seed, generator=generator,
-                      scheduler_config=scheduler_config, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
+                      scheduler_config=scheduler_config, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+                      eta=eta, timesteps=timesteps, sigmas=sigmas, timestep_spacing=timestep_spacing)
     strength = check_strength(strength)
     check_unet_channels(pipe, expected=(pipe.latent_channels,), task="img2img")
     if denoising_start is not None:
@@ -94,8 +99,9 @@ def image_to_image(
         noise = randn(x0.shape, generator=call.generator, device=pipe.device, dtype=torch.float32)
         x = add_noise(x0, noise, sigmas[0])
     x = run_sampler(call.sampler, denoiser, x, sigmas.to(pipe.device), generator=call.generator,
-                    callback=callback, progress=progress, schedule=call.schedule)
-    images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type)
+                    callback=callback, progress=progress, schedule=call.schedule,
+                    options=sampler_options(pipe, call, sigmas))
+    images = latents_to_output(pipe, final_latents(x, sigmas, sampler=call.sampler), call.output_type)
     recipes = call_recipes(pipe, call, height=height, width=width, task="img2img", strength=strength,
                            **(call.micro.recipe() if call.micro is not None else {}),
                            **({"denoising_start": denoising_start} if denoising_start is not None else {}))

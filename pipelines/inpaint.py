@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from latentloom.pipelines.arguments import check_int, check_unet_channels, parse_call
-from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
+from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler, sampler_options
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.output import latents_to_output
 from latentloom.pipelines.image_input import (
@@ -53,6 +53,10 @@ def inpaint(
     sampler: str | None = None,
     karras_sigmas: bool | None = None,
     scheduler_config: dict | None = None,
+    eta: float | None = None,
+    timesteps: list[int] | None = None,
+    sigmas: list[float] | None = None,
+    timestep_spacing: str | None = None,
     prompt_2: str | list[str] | None = None,
     negative_prompt_2: str | list[str] | None = None,
     original_size: tuple[int, int] | None = None,
@@ -88,7 +92,8 @@ def inpaint(
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
                       karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
                       output_type=output_type, seed=seed, generator=generator,
-                      scheduler_config=scheduler_config, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
+                      scheduler_config=scheduler_config, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+                      eta=eta, timesteps=timesteps, sigmas=sigmas, timestep_spacing=timestep_spacing)
     strength = check_strength(strength)
     c = pipe.latent_channels
     channels = check_unet_channels(pipe, expected=(c, 2 * c + 1), task="inpaint")
@@ -133,8 +138,8 @@ def inpaint(
     else:
         x = add_noise(x0, noise, sigmas[0])
     x = run_sampler(call.sampler, denoiser, x, sigmas.to(device), generator=gen, callback=callback,
-                    progress=progress, schedule=call.schedule)
-    latents = final_latents(x, sigmas)
+                    progress=progress, schedule=call.schedule, options=sampler_options(pipe, call, sigmas))
+    latents = final_latents(x, sigmas, sampler=call.sampler)
     if channels == c:
         latents = torch.lerp(x0, latents, latent_mask)
 

@@ -89,11 +89,17 @@ def call_recipes(pipe, call, *, height: int, width: int, task: str, **fields: An
 
     shared = {
         "num_inference_steps": call.steps, "sampler": call.sampler, "karras_sigmas": call.karras,
-        "guidance_scale": call.scale, "guidance_rescale": call.rescale, "clip_guidance_scale": 0.0,
+        "guidance_scale": call.scale, "guidance_rescale": call.rescale, "guidance_mode": call.guidance_mode,
+        "clip_guidance_scale": 0.0,
         "height": height, "width": width, "model": pipe.name, "model_hash": pipe.model_hash(),
         "dtype": str(pipe.dtype).removeprefix("torch."), "latentloom_version": latentloom.__version__,
         "scheduler_config": call.schedule.settings(), "task": task, **fields,
     }
+    if call.eta is not None:
+        shared["eta"] = call.eta
+    for key in ("timesteps", "sigmas"):  # a caller's own schedule (num_inference_steps is its length)
+        if getattr(call, key) is not None:
+            shared[key] = list(getattr(call, key))
     n = call.per_prompt
     second = {}
     if call.prompts_2 is not None or call.negatives_2 is not None:

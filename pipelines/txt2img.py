@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 
 from latentloom.pipelines.arguments import check_float, check_size, parse_call
-from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
+from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler, sampler_options
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.output import latents_to_output
 from latentloom.pipelines.handoff import base_sampler_options, check_fraction, cut_end, to_handoff
@@ -29,6 +29,10 @@ def text_to_image(
     sampler: str | None = None,
     karras_sigmas: bool | None = None,
     scheduler_config: dict | None = None,
+    eta: float | None = None,
+    timesteps: list[int] | None = None,
+    sigmas: list[float] | None = None,
+    timestep_spacing: str | None = None,
     prompt_2: str | list[str] | None = None,
     negative_prompt_2: str | list[str] | None = None,
     original_size: tuple[int, int] | None = None,
@@ -52,7 +56,14 @@ def text_to_image(
     """Make images from `prompt` (a str or a list of str).
 
     Argument names follow diffusers. `guidance_scale` <= 1 runs the conditional model
-    alone (as diffusers does); above 1, classifier-free guidance with one batched forward.
+    alone (as diffusers does); above 1, classifier-free guidance with one batched forward. An
+    LCM-distilled UNet (config.time_cond_proj_dim) instead reads w = guidance_scale - 1 through its
+    guidance embedding, one call per step (diffusers' LCM pipelines); recipes record which
+    (`guidance_mode`). `sampler="lcm"` / `"tcd"` sample consistency-distilled models (LCM, LCM-LoRA,
+    TCD) on the teacher's grid of `original_inference_steps`; `eta` is TCD's gamma (default 0.3).
+    `timesteps=[999, 759, 499, 259]` or `sigmas=[...]` (descending) replace the step schedule for any
+    sampler, as diffusers' arguments of those names do; `timestep_spacing` ("leading", "trailing",
+    "linspace") overrides the model folder's for this call (Turbo-style models sample "trailing").
     `seed=s` makes image i from seed s + i, so any image of a batch can be re-made alone;
     `generator` is used exactly as diffusers uses it, so the same generator gives the same
     image as diffusers with the same weights and sampler. `sampler` is a name from
@@ -74,7 +85,8 @@ def text_to_image(
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
                       karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
                       output_type=output_type, seed=seed, generator=generator, vae_tiling=vae_tiling,
-                      scheduler_config=scheduler_config, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
+                      scheduler_config=scheduler_config, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+                      eta=eta, timesteps=timesteps, sigmas=sigmas, timestep_spacing=timestep_spacing)
     d = pipe.defaults
     height, width = check_size(pipe, d.height if height is None else height, d.width if width is None else width)
     call.micro = parse_micro(pipe, height=height, width=width, values=micro_values(locals()))
@@ -101,9 +113,10 @@ def text_to_image(
         steps = len(sigmas) - 1
         sigmas = cut_end(pipe, call, sigmas, denoising_end)
         options = base_sampler_options(call.sampler, steps_after=steps - (len(sigmas) - 1))
+    options = {**sampler_options(pipe, call, sigmas), **options}
     x = run_sampler(call.sampler, denoiser, x, sigmas.to(pipe.device), generator=call.generator,
                     callback=callback, progress=progress, schedule=call.schedule, options=options)
-    latents = final_latents(x, sigmas) if denoising_end is None else to_handoff(x, float(sigmas[-1]), call.sampler)
+    latents = final_latents(x, sigmas, sampler=call.sampler) if denoising_end is None else to_handoff(x, float(sigmas[-1]), call.sampler)
     images = latents_to_output(pipe, latents, call.output_type, vae_tiling=call.vae_tiling)
     recipes = call_recipes(pipe, call, height=height, width=width, task="txt2img", clip_guidance_scale=clip_scale,
                            vae_tiling=call.vae_tiling, **(call.micro.recipe() if call.micro is not None else {}),

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from latentloom.pipelines.arguments import check_int, check_size, check_unet_channels, parse_call
-from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
+from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler, sampler_options
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.output import latents_to_output
 from latentloom.pipelines.image_input import (
@@ -43,6 +43,10 @@ def upscale(
     sampler: str | None = None,
     karras_sigmas: bool | None = None,
     scheduler_config: dict | None = None,
+    eta: float | None = None,
+    timesteps: list[int] | None = None,
+    sigmas: list[float] | None = None,
+    timestep_spacing: str | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     seed: int | None = None,
     num_images_per_prompt: int = 1,
@@ -65,7 +69,8 @@ def upscale(
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
                       karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
                       output_type=output_type, seed=seed, generator=generator,
-                      scheduler_config=scheduler_config)
+                      scheduler_config=scheduler_config, eta=eta, timesteps=timesteps, sigmas=sigmas,
+                      timestep_spacing=timestep_spacing)
     c = pipe.latent_channels
     check_unet_channels(pipe, expected=(c + 3,), task="upscale")
     schedule, max_level = upscaler_parts(pipe)
@@ -94,8 +99,8 @@ def upscale(
     noise = randn((batch, c, h, w), generator=gen, device=device, dtype=torch.float32)
     x = initial_latents(noise, sigmas, sampler=call.sampler, timestep_spacing=call.schedule.timestep_spacing)
     x = run_sampler(call.sampler, denoiser, x, sigmas.to(device), generator=gen, callback=callback,
-                    progress=progress, schedule=call.schedule)
-    images = latents_to_output(pipe, final_latents(x, sigmas), call.output_type, base=base)
+                    progress=progress, schedule=call.schedule, options=sampler_options(pipe, call, sigmas))
+    images = latents_to_output(pipe, final_latents(x, sigmas, sampler=call.sampler), call.output_type, base=base)
     recipes = call_recipes(pipe, call, height=height, width=width, task="upscale", noise_level=noise_level,
                            input_height=h, input_width=w)
     record_hashes(recipes, pixels, "image_hash")

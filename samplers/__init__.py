@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from .clip_guidance import CLIPGuidance
+from .consistency import sample_lcm, sample_tcd
 from .denoiser import Denoiser
 from .guidance import CFGDenoiser, InpaintBlend
 from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
@@ -50,6 +51,8 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "unipc": sample_unipc,
+    "lcm": sample_lcm,
+    "tcd": sample_tcd,
 }
 
 

@@ -95,11 +95,14 @@ def sigmas_for_strength(sigmas: torch.Tensor, strength: float, *, sampler: str) 
     return sigmas[n - init_steps:]
 
 
-def final_latents(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+def final_latents(x: torch.Tensor, sigmas: torch.Tensor, *, sampler: str | None = None) -> torch.Tensor:
     """The sampler's result in diffusers' latent space (what the VAE decodes).
 
-    Identity when the schedule ends at sigma 0 (every sampler but "ddim" with
-    set_alpha_to_one=False, whose VP result is x / sqrt(sigma_last^2 + 1)).
+    Identity when the schedule ends at sigma 0. A schedule ending above 0 ("ddim" with
+    set_alpha_to_one=False, "tcd", a caller's sigmas list) leaves a VP sampler's result at
+    x / sqrt(sigma_last^2 + 1), and the Euler family's (`sampler` in VE_SAMPLERS) at x, as diffusers does.
     """
     last = float(sigmas[-1])
-    return x if last == 0.0 else x / math.sqrt(last**2 + 1)
+    if last == 0.0 or sampler in VE_SAMPLERS:
+        return x
+    return x / math.sqrt(last**2 + 1)

@@ -23,11 +23,16 @@ DIFFUSERS_CLASS = {
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
 }
 
 _COMMON = {"num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 0, "trained_betas": None}
 _LINEAR = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
 _CLIP_ON = {"clip_sample": True, "clip_sample_range": 1.0}
+_CONSISTENCY = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False,
+                "clip_sample_range": 1.0, "set_alpha_to_one": True, "timestep_spacing": "leading",
+                "rescale_betas_zero_snr": False, "original_inference_steps": 50, "timestep_scaling": 10.0}
 
 # diffusers 0.42.1 `__init__` defaults, for the keys `ScheduleConfig` models that each class accepts.
 CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -47,11 +52,15 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
                                     "rescale_betas_zero_snr": False, "use_karras_sigmas": False},
     "UniPCMultistepScheduler": {**_COMMON, **_LINEAR, "timestep_spacing": "linspace",
                                 "rescale_betas_zero_snr": False, "use_karras_sigmas": False},
+    # the consistency schedulers default to SD's betas, and step on the teacher's grid
+    "LCMScheduler": {**_COMMON, **_CONSISTENCY},
+    "TCDScheduler": {**_COMMON, **_CONSISTENCY},
 }
 
 # A class that does not accept a key runs as if it were this (the setting is simply not there).
 NOT_ACCEPTED = {"use_karras_sigmas": False, "clip_sample": False, "clip_sample_range": 1.0,
-                "rescale_betas_zero_snr": False, "set_alpha_to_one": True}
+                "rescale_betas_zero_snr": False, "set_alpha_to_one": True, "original_inference_steps": 50,
+                "timestep_scaling": 10.0}
 
 
 def class_defaults(sampler: str) -> dict[str, Any]:

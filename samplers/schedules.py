@@ -22,10 +22,12 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # Samplers whose diffusers counterpart lives in VP space with init_noise_sigma == 1.
-VP_SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+VP_SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm", "tcd")
 # Samplers whose diffusers counterpart (Euler family) lives in VE space.
 VE_SAMPLERS = ("euler", "euler_a", "heun")
-SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm", "tcd")
+# Samplers of consistency-distilled models: their timesteps come from the teacher's grid
+CONSISTENCY_SAMPLERS = ("lcm", "tcd")
 # alphas_cumprod[-1] after a zero-terminal-SNR rescale: sigma would be infinite at a_T == 0,
 # which the VE form cannot hold; diffusers' Euler / DPM / UniPC schedulers use this value.
 ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
@@ -111,6 +113,10 @@ class ScheduleConfig:
     # DDPM / DDIM / Heun: clamp the x0 estimate to [-clip_sample_range, clip_sample_range]
     clip_sample: bool = False
     clip_sample_range: float = 1.0
+    # LCM / TCD: the teacher's grid (original_inference_steps timesteps) their steps are taken from,
+    # and LCM's boundary-condition time scale
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
     trained_betas: list[float] | None = field(default=None, repr=False)
     stated: frozenset[str] | None = field(default=None, repr=False, compare=False)
 
@@ -176,8 +182,13 @@ class ScheduleConfig:
         return ScheduleConfig(**values)
 
     def settings(self) -> dict[str, Any]:
-        """The values a recipe records (`RECIPE_KEYS`); replayed through `with_settings`."""
-        return {k: getattr(self, k) for k in RECIPE_KEYS}
+        """The values a recipe records (`RECIPE_KEYS`, and the consistency samplers' grid and time scale
+        where they are not their defaults); replayed through `with_settings`."""
+        values = {k: getattr(self, k) for k in RECIPE_KEYS}
+        for key, default in (("original_inference_steps", 50), ("timestep_scaling", 10.0)):
+            if getattr(self, key) != default:
+                values[key] = getattr(self, key)
+        return values
 
     def legacy_settings(self) -> dict[str, Any]:
         """What latentloom sampled with before it followed diffusers' rule, for every sampler: a
@@ -312,6 +323,78 @@ def _check_range(ts: np.ndarray, T: int, steps_offset: int) -> None:
         )
 
 
+def lcm_timesteps(T: int, n: int, original_inference_steps: int) -> np.ndarray:
+    """LCM's and TCD's n descending timesteps: evenly spaced indices into the teacher's grid of
+    `original_inference_steps` timesteps k - 1, 2k - 1, ..., T - 1 (k = T // original), as
+    diffusers' LCMScheduler / TCDScheduler pick them."""
+    original = int(original_inference_steps)
+    if not 1 <= original <= T:
+        raise ValueError(f"original_inference_steps must be in [1, {T}], got {original_inference_steps!r}")
+    if n > original:
+        raise ValueError(f"num_inference_steps {n} cannot exceed original_inference_steps {original}: the steps are "
+                         "taken from that grid")
+    k = T // original
+    grid = (np.arange(1, original + 1) * k - 1)[::-1]
+    return grid[np.floor(np.linspace(0, len(grid), num=n, endpoint=False)).astype(np.int64)].copy()
+
+
+def tcd_sigmas_s(schedule: DiscreteSchedule, timesteps: torch.Tensor, eta: float) -> torch.Tensor:
+    """(N,) the level each TCD step jumps to: sigma of floor((1 - eta) t_next), t_next = 0 after the last."""
+    ts = torch.as_tensor(timesteps).to(torch.float64)
+    following = torch.cat([ts[1:], ts.new_zeros(1)])
+    s = torch.floor((1 - eta) * following).long()
+    return schedule.sigmas[s].float()
+
+
+# samplers whose diffusers scheduler rounds the timestep of a given sigma (multistep ones), or steps on
+# integer timesteps; the Euler family keeps the fractional one
+_ROUNDED_T = ("dpmpp_2m", "dpmpp_2m_sde", "unipc", "ddim", "ddpm", "lcm", "tcd")
+
+
+def custom_sigmas(
+    schedule: DiscreteSchedule,
+    *,
+    sampler: str,
+    timesteps: list[float] | None = None,
+    sigmas: list[float] | None = None,
+    set_alpha_to_one: bool = True,
+) -> torch.Tensor:
+    """Sigmas (N + 1,) for a caller's own descending `timesteps` (diffusers' `timesteps=`: N steps, each
+    t's noise level interpolated in the training table, then 0, or timestep 0's level for "ddim"
+    with set_alpha_to_one=False and for "tcd", as `make_sigmas`) or `sigmas` (diffusers' Euler
+    `sigmas=`: the whole ladder, its last entry where sampling ends, often 0; the steps' timesteps
+    by log-sigma interpolation). Registers each sigma's timestep."""
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLER_NAMES}")
+    if (timesteps is None) == (sigmas is None):
+        raise ValueError("give exactly one of timesteps and sigmas")
+    name = "timesteps" if timesteps is not None else "sigmas"
+    values = np.asarray(timesteps if timesteps is not None else sigmas, dtype=np.float64)
+    if values.ndim != 1 or values.size < 1 or not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} must be a non-empty list of numbers, got {timesteps if sigmas is None else sigmas!r}")
+    if np.any(np.diff(values) >= 0):
+        raise ValueError(f"{name} must be strictly descending, got {values.tolist()}")
+    T = schedule.num_train_timesteps
+    train = schedule.sigmas.numpy().astype(np.float64)
+    if timesteps is not None:
+        if values[0] > T - 1 or values[-1] < 0:
+            raise ValueError(f"timesteps must lie in [0, {T - 1}], got {values.tolist()}")
+        ts = values
+        sig = np.interp(ts, np.arange(0, T), train)
+        last = float(train[0]) if sampler == "tcd" or (sampler == "ddim" and not set_alpha_to_one) else 0.0
+    else:
+        if values.size < 2 or values[-1] < 0:
+            raise ValueError(f"sigmas is the whole ladder, from the first step's noise level down to where sampling "
+                             f"ends (>= 0, usually 0): at least 2 entries, got {values.tolist()}")
+        sig, last = values[:-1].astype(np.float32), float(np.float32(values[-1]))
+        ts = np.array([log_sigma_to_t(v, schedule.log_sigmas) for v in sig], dtype=np.float64)
+        if sampler in _ROUNDED_T:
+            ts = ts.round()
+    out = torch.from_numpy(np.concatenate([sig, [last]]).astype(np.float32))
+    schedule.register(out[:-1], torch.from_numpy(ts.astype(np.float32)))
+    return out
+
+
 def make_sigmas(
     schedule: DiscreteSchedule,
     num_inference_steps: int,
@@ -321,16 +404,19 @@ def make_sigmas(
     steps_offset: int = 1,
     karras: bool = False,
     set_alpha_to_one: bool = True,
+    original_inference_steps: int = 50,
 ) -> torch.Tensor:
     """Sigmas (N + 1,) float32, descending, for `sampler`: exactly the noise levels (and, recorded
     on `schedule`, the model timesteps) of the diffusers scheduler for that sampler and config.
 
     The last entry is 0, except for "ddim" with set_alpha_to_one=False, whose last step lands
-    on sigma(t=0) as diffusers' DDIMScheduler does (see `noise.final_latents`).
+    on sigma(t=0) as diffusers' DDIMScheduler does (see `noise.final_latents`), and "tcd", which
+    ends at sigma(t=0) too. "lcm" / "tcd" take their steps from `lcm_timesteps`.
     """
     sigmas, timesteps = sigmas_and_timesteps(
         schedule, num_inference_steps, sampler=sampler, timestep_spacing=timestep_spacing,
         steps_offset=steps_offset, karras=karras, set_alpha_to_one=set_alpha_to_one,
+        original_inference_steps=original_inference_steps,
     )
     return sigmas
 
@@ -344,6 +430,7 @@ def sigmas_and_timesteps(
     steps_offset: int = 1,
     karras: bool = False,
     set_alpha_to_one: bool = True,
+    original_inference_steps: int = 50,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`make_sigmas` plus the model timesteps (N,) float32 that go with sigmas[:-1]."""
     if sampler not in SAMPLER_NAMES:
@@ -358,7 +445,14 @@ def sigmas_and_timesteps(
     grid = np.arange(0, T)
     last = 0.0
 
-    if sampler in ("dpmpp_2m", "dpmpp_2m_sde", "unipc"):
+    if sampler in CONSISTENCY_SAMPLERS:
+        if karras:
+            raise ValueError(f"karras_sigmas does not apply to {sampler!r}: its steps come from the teacher's grid")
+        ts = lcm_timesteps(T, n, original_inference_steps)
+        sig = train[ts].astype(np.float64)
+        if sampler == "tcd":
+            last = float(train[0])  # its last step lands on timestep 0's level
+    elif sampler in ("dpmpp_2m", "dpmpp_2m_sde", "unipc"):
         ts = _spaced_timesteps(timestep_spacing, n, T, steps_offset, kind="multistep")
         if karras:
             # these diffusers schedulers span the whole training range and round t

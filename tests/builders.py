@@ -18,6 +18,8 @@ DIFFUSERS_SCHEDULERS = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
 
 # Stable Diffusion 1.x's scheduler settings
@@ -86,6 +88,20 @@ def tiny_sd_pipeline(seed: int = 0, *, scheduler: str = "ddim", in_channels: int
         vae=tiny_vae(seed), text_encoder=clip_text_model(seed, text_hidden, text_hidden // 64 if text_hidden >= 64 else 4),
         tokenizer=clip_tokenizer(), unet=tiny_diffusers_unet(seed, in_channels=in_channels, cross_attention_dim=text_hidden),
         scheduler=sched,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_lcm_pipeline(seed: int = 0):
+    """diffusers' LatentConsistencyModelPipeline from tiny parts: a UNet with a guidance embedding
+    (time_cond_proj_dim) and LCMScheduler on SD's betas."""
+    import diffusers
+
+    scheduler = diffusers.LCMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", set_alpha_to_one=False)
+    return diffusers.LatentConsistencyModelPipeline(
+        vae=tiny_vae(seed), text_encoder=clip_text_model(seed, 32, 4), tokenizer=clip_tokenizer(),
+        unet=tiny_diffusers_unet(seed, time_cond_proj_dim=16), scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 

@@ -50,9 +50,16 @@ def score(clip, latents):
 def test_clip_guidance_raises_similarity_with_every_solver(clip, name):
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * 14.6
 
+    options = {}
+    if name in ("lcm", "tcd"):  # they also read each step's timestep: SD's schedule gives them
+        from latentloom.samplers.consistency import consistency_options
+        from latentloom.samplers.schedules import DiscreteSchedule, ScheduleConfig
+
+        options = consistency_options(name, DiscreteSchedule.from_config(ScheduleConfig()), SIGMAS)
+
     def run(den):
         gens = [torch.Generator().manual_seed(i) for i in range(3)]
-        return SAMPLERS[name](den, x, SIGMAS, generator=gens)
+        return SAMPLERS[name](den, x, SIGMAS, generator=gens, **options)
 
     plain = run(gaussian)
     guided_den = CLIPGuidance(gaussian, clip_model=clip, decode=decode, scale=5.0, text_inputs={"input_ids": IDS},

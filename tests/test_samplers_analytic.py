@@ -101,3 +101,29 @@ def order_summary():
 
 if __name__ == "__main__":  # .venv/bin/python tests/test_samplers_analytic.py
     order_summary()
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_consistency_sampler_with_the_exact_consistency_function_lands_on_the_data(steps):
+    """Data ~ N(mu, s^2): the exact consistency function maps x at sigma along the probability-flow
+    ODE to sigma 0. A model whose output makes LCM's c_skip z + c_out x0 equal to it takes pure
+    noise to the data distribution in one step, and stays there over several (re-noised) steps."""
+    from latentloom.samplers.consistency import consistency_options, lcm_scalings
+
+    schedule = DiscreteSchedule.from_config(ScheduleConfig())
+    sigmas = make_sigmas(schedule, steps, sampler="lcm")
+    options = consistency_options("lcm", schedule, sigmas)
+
+    def exact_consistency_model(x, sigma):
+        s = float(sigma.flatten()[0])
+        t = float(schedule.sigma_to_t(torch.tensor([s]))[0].round())
+        c_skip, c_out = lcm_scalings(t, 10.0)
+        target = ode_solution(x, s, 0.0)  # f(x, sigma): the ODE's end point
+        return (target - c_skip * x / math.sqrt(1 + s**2)) / c_out
+
+    g = torch.Generator().manual_seed(3)
+    x = start(20000, sigma=float(sigmas[0]), seed=4)
+    out = SAMPLERS["lcm"](exact_consistency_model, x, sigmas, generator=g, **options)
+    assert abs(out.mean().item() - MU) < 0.02 and abs(out.std().item() - S) < 0.02
+    if steps == 1:  # deterministic in one step: exactly the ODE's end point of each sample
+        torch.testing.assert_close(out, ode_solution(x, float(sigmas[0]), 0.0), rtol=1e-6, atol=1e-6)

@@ -4,6 +4,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from latentloom.samplers import SAMPLERS, get_sampler
+from latentloom.samplers.consistency import consistency_options
 from latentloom.samplers.denoiser import Denoiser
 from latentloom.samplers.forward import add_noise
 from latentloom.samplers.noise import (
@@ -58,10 +59,12 @@ def test_same_seed_same_result_and_batch_equals_alone(name):
     sigmas = make_sigmas(schedule, 6, sampler=name)
     denoiser = Denoiser(ToyModel(), schedule, prediction_type="epsilon")
 
+    options = consistency_options(name, schedule, sigmas) if name in ("lcm", "tcd") else {}
+
     def run(seeds):
         g = gens(seeds)
         x = initial_latents(randn((len(seeds), 4, 8, 8), generator=g), sigmas, sampler=name)
-        return SAMPLERS[name](denoiser, x, sigmas, generator=g)
+        return SAMPLERS[name](denoiser, x, sigmas, generator=g, **options)
 
     batch = run([10, 11, 12])
     assert torch.equal(batch, run([10, 11, 12]))
@@ -143,7 +146,8 @@ def test_denoiser_errors():
 
 
 def test_registry_and_errors():
-    assert set(SAMPLERS) == {"ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm",
+                             "tcd"}
     assert get_sampler("heun") is SAMPLERS["heun"]
     with pytest.raises(ValueError, match=r"unknown sampler 'lms'; expected one of \['ddim'"):
         get_sampler("lms")
@@ -151,6 +155,10 @@ def test_registry_and_errors():
         SAMPLERS["euler"](lambda x, s: x, torch.zeros(1, 1), torch.tensor([1.0]))
     with pytest.raises(ValueError, match="UniPC order must be 1, 2 or 3"):
         SAMPLERS["unipc"](lambda x, s: x, torch.zeros(1, 1), torch.tensor([1.0, 0.0]), order=4)
+    with pytest.raises(ValueError, match=r"sample_lcm needs timesteps, one per step \(1\)"):
+        SAMPLERS["lcm"](lambda x, s: x, torch.zeros(1, 1), torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="TCD's gamma\) must be in \[0, 1\]"):
+        SAMPLERS["tcd"](lambda x, s: x, torch.zeros(1, 1), torch.tensor([1.0, 0.0]), sigmas_s=torch.zeros(1), eta=2.0)
 
 
 def test_callback_sees_every_step():

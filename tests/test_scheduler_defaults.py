@@ -36,9 +36,13 @@ def test_table_equals_the_installed_diffusers_defaults(cls_name):
 
 
 def test_keys_no_class_accepts_are_off():
+    consistency_only = {"original_inference_steps": 50, "timestep_scaling": 10.0}  # read by lcm / tcd alone
     for key, value in NOT_ACCEPTED.items():
         assert key in MODELLED
-        assert value in (False, True, 1.0)
+        if key in consistency_only:
+            assert value == consistency_only[key] == CLASS_DEFAULTS["LCMScheduler"][key]
+        else:
+            assert value in (False, True, 1.0)
 
 
 def _release(path):
@@ -80,7 +84,8 @@ def test_sd15_spacing_follows_the_sampler():
     assert not config.is_stated("timestep_spacing")
     spacing = {s: config.for_sampler(s).timestep_spacing for s in SAMPLERS}
     assert spacing == {"ddpm": "leading", "ddim": "leading", "euler": "linspace", "euler_a": "linspace",
-                       "heun": "linspace", "dpmpp_2m": "linspace", "dpmpp_2m_sde": "linspace", "unipc": "linspace"}
+                       "heun": "linspace", "dpmpp_2m": "linspace", "dpmpp_2m_sde": "linspace", "unipc": "linspace",
+                       "lcm": "leading", "tcd": "leading"}  # (lcm / tcd take their steps from the teacher's grid)
     assert config.for_sampler("ddim").steps_offset == 1  # stated: kept for every class
 
 

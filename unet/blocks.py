@@ -30,14 +30,18 @@ def timestep_embedding(
 
 
 class TimestepMLP(nn.Module):
-    """Linear -> SiLU -> Linear on the sinusoidal embedding (width 4 * channels[0])."""
+    """Linear -> SiLU -> Linear on the sinusoidal embedding (width 4 * channels[0]); with `cond_dim`,
+    a condition (LCM's embedded guidance scale) is projected and added to the embedding first."""
 
-    def __init__(self, in_dim: int, dim: int) -> None:
+    def __init__(self, in_dim: int, dim: int, *, cond_dim: int | None = None) -> None:
         super().__init__()
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim is not None else None
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None:
+            x = x + self.cond_proj(cond)
         return self.linear_2(F.silu(self.linear_1(x)))
 
 

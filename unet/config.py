@@ -16,7 +16,7 @@ from latentloom.file_io import write_bytes_atomic
 
 _PER_LEVEL_INT = ("layers_per_level", "transformer_depth")
 _PER_LEVEL_BOOL = ("attention_levels", "only_cross_attention")
-_ADDED_LATER = ("adm_in_channels", "addition_time_embed_dim")
+_ADDED_LATER = ("adm_in_channels", "addition_time_embed_dim", "time_cond_proj_dim")
 
 
 @dataclass
@@ -44,6 +44,9 @@ class UNetConfig:
     # sgm's "adm"), added to the timestep embedding through an MLP; None: no such input.
     adm_in_channels: int | None = None  # diffusers' projection_class_embeddings_input_dim (SDXL: 2816)
     addition_time_embed_dim: int | None = None  # width of each number's embedding inside y (SDXL: 256)
+    # Guidance embedding of LCM-distilled UNets: the guidance scale w, embedded like a timestep at this
+    # width, projected and added to the timestep's sinusoidal embedding (diffusers' time_cond_proj_dim)
+    time_cond_proj_dim: int | None = None
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     dropout: float = 0.0
@@ -98,6 +101,8 @@ class UNetConfig:
         if self.adm_in_channels is not None:
             _check_int("adm_in_channels", self.adm_in_channels, minimum=1)
             _check_int("addition_time_embed_dim", self.addition_time_embed_dim, minimum=1)
+        if self.time_cond_proj_dim is not None:
+            _check_int("time_cond_proj_dim", self.time_cond_proj_dim, minimum=1)
 
     # ------------------------------------------------------------------ derived shapes
     @property

@@ -14,7 +14,7 @@ _CROSS_DOWN, _PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 _CROSS_UP, _PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 
 # Keys whose only supported value is diffusers' default (or an equivalent one). A
-# different value means an architecture we do not build (Kandinsky, LCM, ...).
+# different value means an architecture we do not build (Kandinsky, ...).
 _MUST_BE: dict[str, tuple[Any, ...]] = {
     "center_input_sample": (False,),
     "mid_block_type": ("UNetMidBlock2DCrossAttn",),
@@ -34,7 +34,6 @@ _MUST_BE: dict[str, tuple[Any, ...]] = {
     "time_embedding_dim": (None,),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
     "attention_type": ("default",),
@@ -50,7 +49,7 @@ _USED = {
     "up_block_types", "attention_head_dim", "transformer_layers_per_block", "cross_attention_dim",
     "use_linear_projection", "upcast_attention", "only_cross_attention", "norm_num_groups",
     "norm_eps", "num_class_embeds", "flip_sin_to_cos", "freq_shift", "dropout",
-    "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+    "addition_time_embed_dim", "projection_class_embeddings_input_dim", "time_cond_proj_dim",
 }
 
 
@@ -125,6 +124,7 @@ def config_from_diffusers(d: dict[str, Any]) -> UNetConfig:
         dropout=float(d.get("dropout", 0.0)),
         adm_in_channels=adm,
         addition_time_embed_dim=time_dim,
+        time_cond_proj_dim=d.get("time_cond_proj_dim"),
     )
 
 
@@ -168,6 +168,7 @@ def config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         "addition_embed_type": "text_time" if cfg.adm_in_channels is not None else None,
         "addition_time_embed_dim": cfg.addition_time_embed_dim,
         "projection_class_embeddings_input_dim": cfg.adm_in_channels,
+        "time_cond_proj_dim": cfg.time_cond_proj_dim,
     }
 
 

@@ -1,6 +1,6 @@
 """UNet: the Stable-Diffusion-style denoiser.
 
-    unet(x, t, context, *, context_mask=None, class_labels=None, y=None) -> prediction
+    unet(x, t, context, *, context_mask=None, class_labels=None, y=None, guidance=None) -> prediction
 
 Levels of ResBlocks (+ spatial transformers where ``attention_levels`` says so) go down,
 a middle block, the mirrored levels come up reading the skip connections
@@ -13,8 +13,9 @@ The signature stays small; each kind of conditioning has one way in:
 - tokens (text) are ``context``, read by cross-attention, with ``context_mask`` for padding;
 - per-image vectors enter through the timestep embedding: ``class_labels`` (an index: the x4
   upscaler's noise level) and ``y`` (a vector: SDXL's pooled text + embedded size numbers, built
-  by ``vector_conditioning``; sgm's name). A guidance-scale embedding (LCM) will be one more
-  such vector, mixed into the timestep embedding as diffusers' ``time_cond_proj_dim`` does;
+  by ``vector_conditioning``; sgm's name), and ``guidance`` (B,), the guidance scale w of
+  LCM-distilled UNets, embedded like a timestep (``guidance_embedding``) and projected into the
+  timestep's sinusoidal embedding, as diffusers' ``time_cond_proj_dim`` / ``timestep_cond`` do;
 - add-on networks (ControlNet) will pass their residuals as one optional keyword, a list added
   to the skip connections and the middle block's output.
 """
@@ -71,7 +72,7 @@ class UNet(nn.Module):
         cfg = config
         ch0, emb_dim = cfg.channels[0], cfg.time_embed_dim
         res = dict(emb_dim=emb_dim, groups=cfg.norm_groups, eps=cfg.norm_eps, dropout=cfg.dropout)
-        self.time_embedding = TimestepMLP(ch0, emb_dim)
+        self.time_embedding = TimestepMLP(ch0, emb_dim, cond_dim=cfg.time_cond_proj_dim)
         self.class_embedding = (nn.Embedding(cfg.num_class_embeds, emb_dim)
                                 if cfg.num_class_embeds is not None else None)
         self.add_embedding = TimestepMLP(cfg.adm_in_channels, emb_dim) if cfg.adm_in_channels is not None else None
@@ -162,12 +163,15 @@ class UNet(nn.Module):
         context_mask: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        guidance: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """x (B, in_ch, H, W), t scalar or (B,), context (B, L, D) -> (B, out_ch, H, W).
 
         y (B, adm_in_channels): the vector conditioning of models that have one (SDXL; build it
-        with `vector_conditioning`). Inputs are cast to the weights' dtype; the prediction comes
-        back in x's dtype.
+        with `vector_conditioning`). guidance: scalar or (B,), the w an LCM-distilled UNet
+        (config.time_cond_proj_dim) was distilled at, in diffusers' convention (guidance scale - 1);
+        None leaves the embedding out, as diffusers does without `timestep_cond`. Inputs are cast
+        to the weights' dtype; the prediction comes back in x's dtype.
         """
         cfg = self._config
         self._check_inputs(x, context, context_mask, class_labels)
@@ -178,7 +182,13 @@ class UNet(nn.Module):
         t = _timesteps(t, B, device=x.device)  # (B,) float32
         t_emb = timestep_embedding(t, cfg.channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                    freq_shift=cfg.freq_shift)
-        emb = self.time_embedding(t_emb.to(dtype))  # (B, 4 * ch0)
+        cond = None
+        if guidance is not None:
+            if cfg.time_cond_proj_dim is None:
+                raise ValueError("guidance given but this UNet has no guidance embedding (config.time_cond_proj_dim "
+                                 "is None); it is for LCM-distilled UNets")
+            cond = self.guidance_embedding(_timesteps(guidance, B, device=x.device)).to(dtype)
+        emb = self.time_embedding(t_emb.to(dtype), cond)  # (B, 4 * ch0)
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(class_labels).to(dtype)
         if self.add_embedding is not None:
@@ -245,6 +255,12 @@ class UNet(nn.Module):
             got = "nothing" if y is None else f"shape {tuple(y.shape)}"
             raise ValueError(f"this UNet needs y of shape ({batch}, {width}) (SDXL: pooled text + size numbers; "
                              f"see vector_conditioning), got {got}")
+
+    def guidance_embedding(self, w: torch.Tensor) -> torch.Tensor:
+        """(B,) guidance scales -> (B, time_cond_proj_dim): w x 1000 embedded sin-then-cos with
+        frequencies exp(-ln(10^4) i / (half - 1)), as the LCM distillation (diffusers'
+        `get_guidance_scale_embedding`) trained it."""
+        return timestep_embedding(w * 1000.0, self._config.time_cond_proj_dim, flip_sin_to_cos=False, freq_shift=1)
 
     def vector_conditioning(self, pooled: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         """y for this UNet: pooled text (B, P) then the sinusoidal embedding of each of the N numbers
