@@ -25,6 +25,7 @@ The same OUT collects every stage of a model:
   latentloom train --model clip --data DATA --output OUT          # OUT/clip (image-text model for CLIP guidance)
   latentloom train --model upscaler --data DATA --output OUT --resolution 128 --low-resolution 64
 Fine-tune: --pretrained MODEL_FOLDER (add --lora-rank 8 to train LoRA adapters only).
+Few-step: --model lcm --pretrained TEACHER distils it into an LCM model (or, with --lora-rank, an LCM-LoRA).
 Resume: --resume latest (or a checkpoint folder); checkpoints live in OUT/checkpoints/<model>/.
 Several processes: accelerate launch [--cpu] --num_processes N -m latentloom.training ARGS
 """
@@ -90,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--lora-rank", type=int, help="train LoRA adapters of this rank on the attention projections")
     _add(g, "--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
 
+    g = parser.add_argument_group("consistency distillation (--model lcm --pretrained TEACHER)")
+    _add(g, "--lcm-w-min", type=float, help="smallest guidance w the teacher steps with (w = scale - 1)")
+    _add(g, "--lcm-w-max", type=float, help="largest guidance w")
+    _add(g, "--lcm-num-ddim-timesteps", type=int, help="the teacher's DDIM grid (the lcm sampler's original steps)")
+    _add(g, "--lcm-target-decay", type=float, help="EMA decay of the target network (full distillation)")
+    _add(g, "--lcm-loss", choices=("huber", "l2"), help="pseudo-Huber or L2 between the consistency functions")
     g = parser.add_argument_group("run")
     _add(g, "--seed", type=int, help="seed of weights, data order, noise")
     _add(g, "--resume", metavar="CKPT", help="'latest' or a checkpoint folder")

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODELS = ("unet", "vae", "clip", "upscaler")
+MODELS = ("unet", "vae", "clip", "upscaler", "lcm")
+LCM_LOSSES = ("huber", "l2")
 # TrainConfig.vae value for the upscaler's weightless space-to-depth "VAE" (pixel-space diffusion)
 PIXEL_SHUFFLE = "pixel-shuffle"
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -74,9 +75,20 @@ class TrainConfig:
     # Upscaler in pixel space: learn the difference from the bicubic enlargement of the low-res
     # image instead of the image itself (so an untrained correction already gives bicubic).
     residual: bool = False
-    # LoRA (UNet fine-tuning only): rank 0 means full fine-tuning.
+    # LoRA (UNet fine-tuning and LCM distillation): rank 0 means full fine-tuning.
     lora_rank: int = 0
     lora_alpha: float | None = None
+    # Latent consistency distillation (model "lcm"): the guidance range w is drawn from (diffusers'
+    # convention, scale - 1), the DDIM solver grid the teacher steps on (the sampler's
+    # original_inference_steps), the target network's EMA decay, the loss, the guidance embedding's width
+    lcm_w_min: float = 3.0
+    lcm_w_max: float = 15.0
+    lcm_num_ddim_timesteps: int = 50
+    lcm_target_decay: float = 0.95
+    lcm_loss: str = "huber"
+    lcm_huber_c: float = 0.001
+    lcm_cond_dim: int = 256
+    lcm_timestep_scaling: float = 10.0
     seed: int = 0
     resume: str | None = None  # a checkpoint folder, or "latest"
     checkpoint_every: int = 500
@@ -97,6 +109,7 @@ class TrainConfig:
             "lr_schedule": LR_SCHEDULES,
             "beta_schedule": BETA_SCHEDULES,
             "crop": CROPS,
+            "lcm_loss": LCM_LOSSES,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -123,8 +136,20 @@ class TrainConfig:
                 "lr_warmup_steps, noise_offset and lora_rank must be >= 0, got "
                 f"{self.lr_warmup_steps}, {self.noise_offset}, {self.lora_rank}"
             )
-        if self.lora_rank and self.model != "unet":
-            raise ValueError(f"LoRA trains the UNet only; got lora_rank={self.lora_rank} with model={self.model!r}")
+        if self.lora_rank and self.model not in ("unet", "lcm"):
+            raise ValueError(f"LoRA trains the UNet only (model 'unet' or 'lcm'); got lora_rank={self.lora_rank} with "
+                             f"model={self.model!r}")
+        if self.model == "lcm":
+            if self.pretrained is None:
+                raise ValueError("model='lcm' distils a teacher: pass pretrained=<model folder, file or bundled:NAME>")
+            if not 0.0 <= self.lcm_w_min <= self.lcm_w_max:
+                raise ValueError(f"need 0 <= lcm_w_min <= lcm_w_max, got {self.lcm_w_min} and {self.lcm_w_max}")
+            if not 1 <= self.lcm_num_ddim_timesteps <= self.num_train_timesteps:
+                raise ValueError(f"lcm_num_ddim_timesteps must be in [1, {self.num_train_timesteps}], got "
+                                 f"{self.lcm_num_ddim_timesteps}")
+            if not 0.0 <= self.lcm_target_decay < 1.0 or self.lcm_huber_c <= 0 or self.lcm_cond_dim < 1:
+                raise ValueError(f"need lcm_target_decay in [0, 1), lcm_huber_c > 0 and lcm_cond_dim >= 1, got "
+                                 f"{self.lcm_target_decay}, {self.lcm_huber_c}, {self.lcm_cond_dim}")
         if self.lora_rank and self.pretrained is None:
             raise ValueError("LoRA fine-tunes loaded weights: pass pretrained=<model folder> with lora_rank > 0")
         if self.x0_weighting and (self.prediction_type != "v_prediction" or self.min_snr_gamma is not None):
@@ -134,7 +159,7 @@ class TrainConfig:
         if self.residual and (self.model != "upscaler" or (self.vae != PIXEL_SHUFFLE and self.pretrained is None)):
             raise ValueError(f"residual=True is for a pixel-space upscaler (model='upscaler', vae='{PIXEL_SHUFFLE}', "
                              f"or pretrained=<a residual upscaler>), got model={self.model!r}, vae={self.vae!r}")
-        if self.model in ("unet", "vae", "clip", "upscaler") and self.data is None:
+        if self.model in MODELS and self.data is None:
             raise ValueError(f"training model={self.model!r} needs data=<folder of captioned images>")
 
     @property

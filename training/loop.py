@@ -110,6 +110,8 @@ def train(cfg: TrainConfig, *, task: Any = None) -> Path:
         position += global_batch * cfg.grad_accum
         if ema is not None:
             ema.update(model)
+        if hasattr(task, "after_step"):  # e.g. consistency distillation's EMA target network
+            task.after_step(model)
         log.step(step, loss_sum, lr=lr_scheduler.get_last_lr()[0], write=step % cfg.log_every == 0 or step == stop_at)
         if step % cfg.checkpoint_every == 0 or step == stop_at:
             save_checkpoint(

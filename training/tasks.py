@@ -59,6 +59,7 @@ TASKS = {
     "clip": "latentloom.training.task_clip:build_clip_task",
     "unet": "latentloom.training.task_unet_setup:build_unet_task",
     "upscaler": "latentloom.training.task_unet_setup:build_unet_task",
+    "lcm": "latentloom.training.task_lcm:build_lcm_task",
 }
 
 
