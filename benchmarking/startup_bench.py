@@ -112,8 +112,21 @@ def bundled_table(*, runs: int, steps: int | None, prompt: str) -> Table:
         step_times["diffusers"].append(median([b - a for a, b in zip(marks[1:], marks[2:])] or [marks[-1] - marks[0]]))
         return image
 
+    calls = {"latentloom": ours, "diffusers": theirs}
+    fast = _fast_pipeline()
+    if fast is not None:  # the few-step variant (bundled:fast), timed alongside
+        step_times["fast"] = []
+
+        def few_steps():
+            marks = [time.perf_counter()]
+            image = fast(prompt, seed=0, progress=False,
+                         callback=lambda i, sigma, x, denoised: marks.append(time.perf_counter())).images[0]
+            step_times["fast"].append(median([b - a for a, b in zip(marks[1:], marks[2:])] or [marks[-1] - marks[0]]))
+            return image
+
+        calls["fast"] = few_steps
     with torch.inference_mode():
-        samples = alternate({"latentloom": ours, "diffusers": theirs}, runs=runs, warmup=1)
+        samples = alternate(calls, runs=runs, warmup=1)
     for name in step_times:  # the warm-up call's steps are not in the sample
         step_times[name] = step_times[name][1:]
     med = {name: median(samples.wall[name]) for name in samples.wall}
@@ -131,6 +144,14 @@ def bundled_table(*, runs: int, steps: int | None, prompt: str) -> Table:
                    samples.paired_ratio("latentloom", "diffusers"),
                    median(samples.cpu["latentloom"]) / median(samples.cpu["diffusers"]),
                    f"< {GOALS['image']:g} s/image: {'met' if med['latentloom'] < GOALS['image'] else 'not met'}"])
+    if fast is not None:
+        f = fast.defaults
+        table.add_row(["latentloom bundled:fast", f"{f.num_inference_steps} {f.sampler} steps, guidance "
+                       f"{f.guidance_scale:g} (the LCM-LoRA merged)", median(samples.wall["fast"]),
+                       median(samples.cpu["fast"]), median(step_times["fast"]),
+                       samples.paired_ratio("fast", "diffusers"),
+                       median(samples.cpu["fast"]) / median(samples.cpu["diffusers"]),
+                       f"{median(samples.wall['fast']) / med['latentloom']:.2f}x the default's time"])
     table.notes += [
         f"{runs} timed images each after one warm-up, alternated in one process; ratio = median of per-image "
         f"wall-time ratios, CPU ratio = ratio of median process CPU seconds (steadier on shared cores); "
@@ -140,6 +161,16 @@ def bundled_table(*, runs: int, steps: int | None, prompt: str) -> Table:
         "both text encodings go through the same MiniLM encoder (its prompt cache helps both alike)",
     ]
     return table
+
+
+def _fast_pipeline():
+    """bundled:fast where this install has its LoRA, else None (the table then has no fast row)."""
+    from latentloom.pipelines.loading import load_pipeline
+    from latentloom.weights import FAST_LORA, bundled_model_dir
+
+    if not (bundled_model_dir("fast") / FAST_LORA).is_file():
+        return None
+    return load_pipeline("bundled:fast")
 
 
 def _diffusers_twin(pipe):

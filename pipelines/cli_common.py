@@ -18,7 +18,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default: str = BUNDL
     parser.set_defaults(default_model=default)
     group.add_argument("--model", default=None,
                        help="a diffusers or latentloom folder, a .safetensors SD checkpoint, a hub id "
-                            f"(online only), or bundled:default / bundled:upscaler (default: {default})")
+                            f"(online only), or bundled:default / bundled:upscaler / bundled:fast (default: {default})")
     group.add_argument("--tokenizer", default=None,
                        help="folder with CLIP's vocab.json + merges.txt, for single-file checkpoints")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")

@@ -42,6 +42,9 @@ def register(subparsers) -> None:
                         help="with --prompts: make every image again, even where DIR holds it (or holds one "
                              "made with other options)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
+    parser.add_argument("--fast", action="store_true",
+                        help="the bundled model in 4 consistency steps (bundled:fast: its distilled LCM-LoRA, "
+                             "sampler lcm, guidance 1)")
     sdxl = add_sdxl_arguments(parser)
     sdxl.add_argument("--refiner", default=None, metavar="MODEL",
                       help="hand the last part of the schedule to this refiner (SDXL's ensemble of experts)")
@@ -59,6 +62,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.fast:
+        if args.model is not None:
+            return fail(f"--fast is the bundled model's few-step variant (bundled:fast); it does not go with "
+                        f"--model {args.model}")
+        args.model = "bundled:fast"
     sdxl = call_kwargs(args, SDXL_NAMES)
     if args.threads is not None:
         if args.threads < 1:

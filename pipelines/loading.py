@@ -64,7 +64,10 @@ def load_pipeline(
                 f"the bundled {bundled} model is not in this install yet (expected "
                 f"{folder}/model_index.json); pass a model path, e.g. a Stable Diffusion folder"
             )
-        pipe = load_latentloom_folder(folder, name=f"bundled:{bundled}", dtype=dtype)
+        if bundled == "fast":
+            pipe = _bundled_fast(folder)
+        else:
+            pipe = load_latentloom_folder(folder, name=f"bundled:{bundled}", dtype=dtype)
     else:
         source = Path(path)
         if source.is_dir():
@@ -85,6 +88,22 @@ def load_pipeline(
     from latentloom.pipelines.runtime import optimize
 
     return optimize(pipe.to(device=device, dtype=dtype), channels_last=channels_last, compile=compile)
+
+
+def _bundled_fast(folder: Path) -> Pipeline:
+    """bundled:fast: the default model with its distilled LCM-LoRA merged (in fp32, before any cast) and
+    the few-step call defaults it was distilled for."""
+    import dataclasses
+
+    from latentloom.weights import FAST_DEFAULTS, FAST_LORA
+
+    lora = folder / FAST_LORA
+    if not lora.is_file():
+        raise FileNotFoundError(f"bundled:fast needs {lora} (the bundled model's LCM-LoRA), which this install lacks")
+    pipe = load_latentloom_folder(folder, name="bundled:fast")
+    pipe.load_lora(lora)
+    pipe.defaults = dataclasses.replace(pipe.defaults, **FAST_DEFAULTS)
+    return pipe
 
 
 def load_folder(folder: Path, *, dtype: torch.dtype | None = None) -> Pipeline:

@@ -233,3 +233,34 @@ def test_lcm_lora_with_conv_and_feed_forward_layers_matches_diffusers(tmp_path):
     got = ours(**args, sampler="lcm", generator=torch.Generator().manual_seed(9), output_type="np",
                progress=False).images
     close(got, expected, "lcm-lora")
+
+
+def test_sdxl_lcm_lora_matches_diffusers(tmp_path):
+    """The same for SDXL: an LCM-LoRA on the SDXL UNet, saved by diffusers, merged here, sampled with lcm."""
+    import diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from builders import tiny_sdxl_pipeline
+
+    reference = tiny_sdxl_pipeline()
+    folder = save_sd_folder(reference, tmp_path / "sdxl")
+    torch.manual_seed(12)
+    reference.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                          target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+                                                          "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]))
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lora",
+                                                          unet_lora_layers=get_peft_model_state_dict(reference.unet))
+    fused = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+    fused.set_progress_bar_config(disable=True)
+    fused.scheduler = diffusers.LCMScheduler.from_config(fused.scheduler.config)
+    fused.load_lora_weights(tmp_path / "lora")
+    fused.fuse_lora()
+    args = dict(prompt="a red circle", num_inference_steps=4, guidance_scale=1.0, height=16, width=16)
+    expected = fused(generator=torch.Generator().manual_seed(9), output_type="np", **args).images
+    ours = latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
+    report = ours.load_lora(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    assert report.applied_keys == report.total_keys and not report.unmatched
+    got = ours(**args, sampler="lcm", generator=torch.Generator().manual_seed(9), output_type="np",
+               progress=False).images
+    close(got, expected, "sdxl lcm-lora")

@@ -10,12 +10,16 @@ from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent
 BUNDLED_NAME = "default"
-# What ships here: the text-to-image model and its 64 -> 128 upscale stage ("bundled:NAME").
-BUNDLED_MODELS = ("default", "upscaler")
+# What ships here: the text-to-image model, its 64 -> 128 upscale stage, and "fast": the default model
+# with its LCM-LoRA merged, sampled in a few consistency steps ("bundled:NAME").
+BUNDLED_MODELS = ("default", "upscaler", "fast")
+# bundled:fast = the default model + this LoRA (a file in its folder), with these call defaults
+FAST_LORA = "lcm-lora.safetensors"
+FAST_DEFAULTS = {"sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0}
 
 
 def bundled_model_dir(name: str = BUNDLED_NAME) -> Path:
-    return WEIGHTS_DIR / name
+    return WEIGHTS_DIR / ("default" if name == "fast" else name)
 
 
 def bundled_name(path: str | os.PathLike | None) -> str | None:
