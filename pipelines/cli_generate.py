@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
     parser.add_argument("--fast", action="store_true",
                         help="the bundled model in 4 consistency steps (bundled:fast: its distilled LCM-LoRA, "
-                             "sampler lcm, guidance 1)")
+                             "sampler lcm, guidance 1.5)")
     sdxl = add_sdxl_arguments(parser)
     sdxl.add_argument("--refiner", default=None, metavar="MODEL",
                       help="hand the last part of the schedule to this refiner (SDXL's ensemble of experts)")

@@ -60,9 +60,44 @@ def test_bundled_folder_is_complete_and_small():
     assert index["text_encoder"] == {"kind": "minilm"}
     for part in ("unet", "vae", "scheduler"):
         assert (folder / part).is_dir(), part
-    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    assert total <= 40 * 2**20, f"bundled weights take {total / 2**20:.1f} MiB, the budget is 40 MiB"
     assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.ckpt")), "weights must be safetensors"
+
+
+def test_all_bundled_weights_fit_the_budget():
+    """48 MiB for everything that ships (the models, the fast LoRA; ControlNet's share comes out of it),
+    the LCM-LoRA at most 3 MB of it."""
+    from latentloom.weights import BUNDLED_MODELS, FAST_LORA, WEIGHTS_DIR
+
+    total = sum(p.stat().st_size for name in BUNDLED_MODELS if name != "fast"
+                for p in (WEIGHTS_DIR / name).rglob("*") if p.is_file())
+    assert total <= 48 * 2**20, f"bundled weights take {total / 2**20:.1f} MiB, the budget is 48 MiB"
+    assert (bundled_model_dir("fast") / FAST_LORA).stat().st_size <= 3_000_000
+
+
+def test_bundled_fast_is_the_default_model_with_its_lcm_lora_in_four_steps(pipe):
+    fast = load_pipeline("bundled:fast", device="cpu")
+    assert fast.name == "bundled:fast" and len(fast.loras) == 1
+    d = fast.defaults
+    assert (d.sampler, d.num_inference_steps, d.guidance_scale, d.height) == ("lcm", 4, 1.5, 64)
+    changed = [k for k, v in fast.unet.state_dict().items()
+               if not torch.equal(v.float(), pipe.unet.state_dict()[k].float())]
+    assert changed and all(".lora" not in k for k in changed)  # merged into the weights
+    result = fast("a large red circle on the left of a blue background", seed=0, progress=False)
+    recipe = result.recipes[0]
+    assert recipe["model"] == "bundled:fast" and recipe["num_inference_steps"] == 4 and recipe["sampler"] == "lcm"
+    assert recipe["guidance_mode"] == "cfg"  # guidance 1.5 on the LCM-LoRA: two branches, four steps
+
+
+def test_generate_fast_flag(tmp_path, capsys):
+    from latentloom.cli import main as cli_main
+    from latentloom.pipelines.metadata import read_metadata
+
+    out = tmp_path / "fast.png"
+    assert cli_main(["generate", "a red circle on a blue background", "--fast", "--seed", "0", "--no-progress",
+                     "-o", str(out)]) == 0
+    assert read_metadata(out)["model"] == "bundled:fast"
+    assert cli_main(["generate", "a", "--fast", "--model", "bundled:default", "-o", str(tmp_path / "x.png")]) == 2
+    assert "--fast is the bundled model's few-step variant" in capsys.readouterr().err
 
 
 def test_bundled_pipeline_defaults(pipe):

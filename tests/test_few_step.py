@@ -200,67 +200,46 @@ def test_cli_few_step_flags_and_replay(sd, tmp_path):
     assert read_metadata(tmp_path / "c.png")["scheduler_config"]["timestep_spacing"] == "trailing"
 
 
-def test_lcm_lora_with_conv_and_feed_forward_layers_matches_diffusers(tmp_path):
-    """An LCM-LoRA-shaped file (peft keys on attention, proj_in / proj_out, feed-forward, ResBlock convs and
-    the time embedding projections), saved by diffusers, merged into an SD model and sampled with lcm, gives
-    the image of diffusers' StableDiffusionPipeline + LCMScheduler with the same LoRA fused."""
+LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "time_emb_proj", "conv_shortcut"]
+
+
+def assert_lcm_lora_matches(reference, tmp_path, extra: dict, label: str):
+    """An LCM-LoRA-shaped adapter (peft keys), saved by diffusers and fused there with LCMScheduler, merged
+    here and sampled with lcm: the same image. Returns the merge report."""
     import diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    reference = tiny_sd_pipeline()
-    reference.set_progress_bar_config(disable=True)
-    folder = save_sd_folder(reference, tmp_path / "sd")
-    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-               "conv2", "time_emb_proj", "conv_shortcut"]
+    folder = save_sd_folder(reference, tmp_path / "model")
     torch.manual_seed(11)
-    reference.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
-    diffusers.StableDiffusionPipeline.save_lora_weights(tmp_path / "lora",
-                                                        unet_lora_layers=get_peft_model_state_dict(reference.unet))
-    fused = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    reference.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=LCM_LORA_TARGETS, init_lora_weights=False))
+    pipe_cls = type(reference)
+    pipe_cls.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(reference.unet))
+    fused = pipe_cls.from_pretrained(folder, **extra)
     fused.set_progress_bar_config(disable=True)
     fused.scheduler = diffusers.LCMScheduler.from_config(fused.scheduler.config)
     fused.load_lora_weights(tmp_path / "lora")
     fused.fuse_lora()
     args = dict(prompt="a red circle", num_inference_steps=4, guidance_scale=1.0, height=16, width=16)
     expected = fused(generator=torch.Generator().manual_seed(9), output_type="np", **args).images
-
     ours = latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
     report = ours.load_lora(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
     assert report.applied_keys == report.total_keys and not report.unmatched
-    kinds = {m.rsplit(".", 1)[-1] for m in report.modules}
-    assert {"proj_in", "proj_out", "conv1", "conv2", "time_emb_proj"} <= kinds
     got = ours(**args, sampler="lcm", generator=torch.Generator().manual_seed(9), output_type="np",
                progress=False).images
-    close(got, expected, "lcm-lora")
+    close(got, expected, label)
+    return report
+
+
+def test_lcm_lora_with_conv_and_feed_forward_layers_matches_diffusers(tmp_path):
+    """SD 1.x: attention, proj_in / proj_out, feed-forward, ResBlock convs and time embedding projections."""
+    report = assert_lcm_lora_matches(tiny_sd_pipeline(), tmp_path, {"safety_checker": None}, "lcm-lora")
+    kinds = {m.rsplit(".", 1)[-1] for m in report.modules}
+    assert {"proj_in", "proj_out", "conv1", "conv2", "time_emb_proj"} <= kinds
 
 
 def test_sdxl_lcm_lora_matches_diffusers(tmp_path):
-    """The same for SDXL: an LCM-LoRA on the SDXL UNet, saved by diffusers, merged here, sampled with lcm."""
-    import diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     from builders import tiny_sdxl_pipeline
 
-    reference = tiny_sdxl_pipeline()
-    folder = save_sd_folder(reference, tmp_path / "sdxl")
-    torch.manual_seed(12)
-    reference.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                          target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
-                                                          "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]))
-    diffusers.StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lora",
-                                                          unet_lora_layers=get_peft_model_state_dict(reference.unet))
-    fused = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
-    fused.set_progress_bar_config(disable=True)
-    fused.scheduler = diffusers.LCMScheduler.from_config(fused.scheduler.config)
-    fused.load_lora_weights(tmp_path / "lora")
-    fused.fuse_lora()
-    args = dict(prompt="a red circle", num_inference_steps=4, guidance_scale=1.0, height=16, width=16)
-    expected = fused(generator=torch.Generator().manual_seed(9), output_type="np", **args).images
-    ours = latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
-    report = ours.load_lora(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
-    assert report.applied_keys == report.total_keys and not report.unmatched
-    got = ours(**args, sampler="lcm", generator=torch.Generator().manual_seed(9), output_type="np",
-               progress=False).images
-    close(got, expected, "sdxl lcm-lora")
+    assert_lcm_lora_matches(tiny_sdxl_pipeline(), tmp_path, {"add_watermarker": False}, "sdxl lcm-lora")

@@ -145,11 +145,12 @@ def test_memory_main_refuses_bad_options(capsys):
 
 def test_bundled_and_startup_tables():
     bundled, startup = startup_bench.run(startup_args(parts="bundled,startup"))
-    assert [row[0] for row in bundled.rows] == ["diffusers", "latentloom"]
+    assert [row[0] for row in bundled.rows] == ["diffusers", "latentloom", "latentloom bundled:fast"]
     for row in bundled.rows:
         assert len(row) == len(bundled.header)
         assert all(positive(v) for v in row[2:5]), row
     assert bundled.rows[0][5] is None and positive(bundled.rows[1][5]) and positive(bundled.rows[1][6])
+    assert "4 lcm steps" in bundled.rows[2][1] and bundled.rows[2][7].endswith("the default's time")
     assert "2 steps" in bundled.title
     assert [row[0].split()[0] for row in startup.rows] == ["latentloom", "python"]
     for row in startup.rows:

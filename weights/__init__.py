@@ -15,7 +15,7 @@ BUNDLED_NAME = "default"
 BUNDLED_MODELS = ("default", "upscaler", "fast")
 # bundled:fast = the default model + this LoRA (a file in its folder), with these call defaults
 FAST_LORA = "lcm-lora.safetensors"
-FAST_DEFAULTS = {"sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0}
+FAST_DEFAULTS = {"sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.5}
 
 
 def bundled_model_dir(name: str = BUNDLED_NAME) -> Path:
