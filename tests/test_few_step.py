@@ -243,3 +243,22 @@ def test_sdxl_lcm_lora_matches_diffusers(tmp_path):
     from builders import tiny_sdxl_pipeline
 
     assert_lcm_lora_matches(tiny_sdxl_pipeline(), tmp_path, {"add_watermarker": False}, "sdxl lcm-lora")
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sdxl_turbo_style_sampling_matches_diffusers(tmp_path, steps):
+    """SDXL-Turbo's recipe on an SDXL model: Euler ancestral, trailing spacing, guidance 0."""
+    import diffusers
+
+    from builders import tiny_sdxl_pipeline
+
+    reference = tiny_sdxl_pipeline()
+    reference.set_progress_bar_config(disable=True)
+    ours = latentloom.load_pipeline(save_sd_folder(reference, tmp_path / "sdxl"), device="cpu", dtype=torch.float32)
+    reference.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(reference.scheduler.config,
+                                                                               timestep_spacing="trailing")
+    args = dict(prompt="a red circle", num_inference_steps=steps, guidance_scale=0.0, height=16, width=16)
+    expected = reference(generator=torch.Generator().manual_seed(4), output_type="np", **args).images
+    got = ours(**args, sampler="euler_a", timestep_spacing="trailing", generator=torch.Generator().manual_seed(4),
+               output_type="np", progress=False).images
+    close(got, expected, f"sdxl turbo {steps} steps")
