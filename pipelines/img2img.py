@@ -24,6 +24,22 @@ def check_strength(strength: Any) -> float:
     return check_float(strength, "strength", low=0.0, high=1.0)
 
 
+def strength_sigmas(pipe, call, strength: float) -> torch.Tensor:
+    """The steps img2img walks at `strength`: the tail of the call's schedule (diffusers' `get_timesteps`);
+    for an LCM-distilled model (guidance embedding) on lcm / tcd, all the steps on the part of the
+    teacher's grid below strength x T, as diffusers' LatentConsistencyModelImg2ImgPipeline does."""
+    from latentloom.samplers.schedules import CONSISTENCY_SAMPLERS, custom_sigmas, lcm_timesteps
+
+    if (call.guidance_embedded and call.sampler in CONSISTENCY_SAMPLERS and call.timesteps is None
+            and call.sigmas is None and strength < 1.0):
+        cfg = call.schedule
+        grid = lcm_timesteps(pipe.schedule.num_train_timesteps, call.steps, cfg.original_inference_steps,
+                             strength=strength)
+        return custom_sigmas(pipe.discrete_schedule(cfg), sampler=call.sampler, timesteps=grid.tolist(),
+                             set_alpha_to_one=cfg.set_alpha_to_one)
+    return sigmas_for_strength(call_sigmas(pipe, call), strength, sampler=call.sampler)
+
+
 @torch.no_grad()
 def image_to_image(
     pipe,
@@ -93,7 +109,7 @@ def image_to_image(
         sigmas = cut_start(pipe, call, call_sigmas(pipe, call), denoising_start)
         x = from_handoff(expand_to_batch(latents, call.batch), float(sigmas[0]), call.sampler)
     else:
-        sigmas = sigmas_for_strength(call_sigmas(pipe, call), strength, sampler=call.sampler)
+        sigmas = strength_sigmas(pipe, call, strength)
         x0 = encode_for_batch(pipe.vae, to_model_range(pixels).to(pipe.device), batch=call.batch,
                               generator=call.generator)  # (B, C, h, w)
         noise = randn(x0.shape, generator=call.generator, device=pipe.device, dtype=torch.float32)

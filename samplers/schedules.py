@@ -323,18 +323,20 @@ def _check_range(ts: np.ndarray, T: int, steps_offset: int) -> None:
         )
 
 
-def lcm_timesteps(T: int, n: int, original_inference_steps: int) -> np.ndarray:
+def lcm_timesteps(T: int, n: int, original_inference_steps: int, *, strength: float = 1.0) -> np.ndarray:
     """LCM's and TCD's n descending timesteps: evenly spaced indices into the teacher's grid of
     `original_inference_steps` timesteps k - 1, 2k - 1, ..., T - 1 (k = T // original), as
-    diffusers' LCMScheduler / TCDScheduler pick them."""
+    diffusers' LCMScheduler / TCDScheduler pick them; `strength` < 1 keeps the grid's lower
+    int(original x strength) points (diffusers' `set_timesteps(strength=)`, its LCM img2img)."""
     original = int(original_inference_steps)
     if not 1 <= original <= T:
         raise ValueError(f"original_inference_steps must be in [1, {T}], got {original_inference_steps!r}")
-    if n > original:
-        raise ValueError(f"num_inference_steps {n} cannot exceed original_inference_steps {original}: the steps are "
-                         "taken from that grid")
+    points = int(original * strength)
+    if n > points:
+        raise ValueError(f"num_inference_steps {n} cannot exceed the {points} points of the teacher's grid "
+                         f"(original_inference_steps {original} x strength {strength})")
     k = T // original
-    grid = (np.arange(1, original + 1) * k - 1)[::-1]
+    grid = (np.arange(1, points + 1) * k - 1)[::-1]
     return grid[np.floor(np.linspace(0, len(grid), num=n, endpoint=False)).astype(np.int64)].copy()
 
 

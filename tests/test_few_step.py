@@ -95,8 +95,9 @@ def test_lcm_timesteps_follow_the_teacher_grid():
 
     assert lcm_timesteps(1000, 4, 50).tolist() == [999, 759, 499, 259]
     assert lcm_timesteps(1000, 1, 50).tolist() == [999]
-    with pytest.raises(ValueError, match="cannot exceed original_inference_steps 50"):
+    with pytest.raises(ValueError, match="51 cannot exceed the 50 points of the teacher's grid"):
         lcm_timesteps(1000, 51, 50)
+    assert lcm_timesteps(1000, 2, 50, strength=0.5).tolist() == [499, 259]  # the grid below 0.5 x T
 
 
 def test_eta_belongs_to_tcd(sd):
@@ -262,3 +263,39 @@ def test_sdxl_turbo_style_sampling_matches_diffusers(tmp_path, steps):
     got = ours(**args, sampler="euler_a", timestep_spacing="trailing", generator=torch.Generator().manual_seed(4),
                output_type="np", progress=False).images
     close(got, expected, f"sdxl turbo {steps} steps")
+
+
+def test_lcm_img2img_matches_diffusers_img2img_pipeline_with_lcm_scheduler(sd, monkeypatch):
+    """An LCM-LoRA in StableDiffusionImg2ImgPipeline: the strength keeps the tail of the lcm grid, as ours does.
+    (diffusers' LatentConsistencyModelImg2ImgPipeline shrinks the grid instead; not matched.)"""
+    import diffusers
+    from PIL import Image
+
+    reference, ours = sd
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**reference.components)
+    img2img.set_progress_bar_config(disable=True)
+    swap(monkeypatch, img2img, "LCMScheduler")
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    args = dict(prompt="a red circle", num_inference_steps=4, guidance_scale=1.0, strength=0.5)
+    expected = img2img(image=image, generator=torch.Generator().manual_seed(2), output_type="np", **args).images
+    got = ours.img2img(image=image, sampler="lcm", generator=torch.Generator().manual_seed(2), output_type="np",
+                       progress=False, **args).images
+    close(got, expected, "lcm img2img")
+
+
+def test_lcm_model_img2img_matches_latent_consistency_img2img_pipeline(lcm):
+    """An LCM-distilled model's img2img takes all its steps on the part of the teacher's grid below
+    strength x T, as diffusers' LatentConsistencyModelImg2ImgPipeline does."""
+    import diffusers
+    from PIL import Image
+
+    reference, ours = lcm
+    img2img = diffusers.LatentConsistencyModelImg2ImgPipeline(**reference.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    args = dict(prompt="a red circle", num_inference_steps=4, guidance_scale=8.5, strength=0.6)
+    expected = img2img(image=image, generator=torch.Generator().manual_seed(2), output_type="np", **args).images
+    result = ours.img2img(image=image, sampler="lcm", generator=torch.Generator().manual_seed(2), output_type="np",
+                          progress=False, **args)
+    close(result.images, expected, "lcm model img2img")
+    assert result.recipes[0]["num_inference_steps"] == 4
