@@ -87,3 +87,17 @@ def test_distillation_settings_are_checked(data, teacher):
         TrainConfig(model="lcm", data=str(data), pretrained=str(teacher), lcm_w_min=5.0, lcm_w_max=2.0)
     with pytest.raises(ValueError, match="lcm_loss='l1' is not one of"):
         TrainConfig(model="lcm", data=str(data), pretrained=str(teacher), lcm_loss="l1")
+
+
+def test_sdxl_teacher_distils_into_an_sdxl_lcm_folder(data, tmp_path):
+    """SDXL: the teacher, student and target all read y (pooled text + each image's size and crop)."""
+    from builders import tiny_sdxl_pipeline
+
+    teacher_folder = save_sd_folder(tiny_sdxl_pipeline(), tmp_path / "sdxl")
+    out = run(data, teacher_folder, tmp_path / "out", steps=2)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder"] == {"kind": "sdxl"} and (out / "text_encoder_2").is_dir()
+    pipe = latentloom.load_pipeline(out, device="cpu", dtype=torch.float32)
+    assert pipe.unet.config.time_cond_proj_dim == 256 and pipe.unet.config.adm_in_channels is not None
+    result = pipe("a red circle", num_inference_steps=2, seed=0, original_size=(32, 32), progress=False)
+    assert result.images[0].size == (16, 16) and result.recipes[0]["guidance_mode"] == "embedded"

@@ -93,8 +93,24 @@ class LCMTask:
 
     @staticmethod
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
-                "caption": [it["caption"] for it in items]}
+        batch = {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
+                 "caption": [it["caption"] for it in items]}
+        if all("micro" in it for it in items):
+            batch["micro"] = torch.stack([it["micro"] for it in items])  # SDXL: original size, crop
+        return batch
+
+    def _vectors(self, cond, uncond, micro: torch.Tensor | None, device) -> tuple[dict, dict]:
+        """SDXL: y for the prompts and for the empty prompt (each image's own size and crop, the training
+        size as target), as `UNetTask.vector_conditioning`; nothing for other UNets."""
+        if getattr(self.teacher_unet.config, "adm_in_channels", None) is None:
+            return {}, {}
+        if micro is None:
+            raise ValueError("distilling SDXL needs each image's size and crop (the dataset gives them)")
+        size = micro.new_tensor([self.cfg.resolution, self.cfg.resolution]).expand(micro.shape[0], 2)
+        numbers = torch.cat([micro, size], dim=1).to(device=device, dtype=torch.float32)
+        make = self.teacher_unet.vector_conditioning
+        return ({"y": make(cond.pooled.to(device=device, dtype=torch.float32), numbers)},
+                {"y": make(uncond.pooled.to(device=device, dtype=torch.float32), numbers)})
 
     def after_step(self, model: nn.Module) -> None:
         """After each optimizer step: the EMA target follows the student."""
@@ -121,6 +137,7 @@ class LCMTask:
         hidden, mask = cond.hidden.to(device=device, dtype=torch.float32), cond.mask.to(device)
         u_hidden, u_mask = uncond.hidden.to(device=device, dtype=torch.float32), uncond.mask.to(device)
         use_mask = pipe.use_context_mask
+        y_cond, y_uncond = self._vectors(cond, uncond, batch.get("micro"), device)
 
         index = torch.randint(0, len(self.grid), (B,), generator=gen, device=device).cpu()
         start = self.grid[index]  # t_{n+k}
@@ -137,14 +154,15 @@ class LCMTask:
 
         # the student's consistency function at t_{n+k}
         c_skip_start, c_out_start = self._scalings(start, x0)
-        out = model(z, t_start, hidden, context_mask=mask if use_mask else None, **guidance)
+        out = model(z, t_start, hidden, context_mask=mask if use_mask else None, **guidance, **y_cond)
         student_x0, _ = split_prediction(out.float(), z, a_start, self.prediction_type)
         prediction = c_skip_start * z + c_out_start * student_x0
 
         with torch.no_grad():
             # the teacher's guided DDIM step from t_{n+k} to t_n
+            y_both = {"y": torch.cat([y_cond["y"], y_uncond["y"]])} if y_cond else {}
             both = self.teacher_unet(torch.cat([z, z]), torch.cat([t_start, t_start]), torch.cat([hidden, u_hidden]),
-                                     context_mask=torch.cat([mask, u_mask]) if use_mask else None).float()
+                                     context_mask=torch.cat([mask, u_mask]) if use_mask else None, **y_both).float()
             c_x0, c_eps = split_prediction(both[:B], z, a_start, self.prediction_type)
             u_x0, u_eps = split_prediction(both[B:], z, a_start, self.prediction_type)
             wv = w.view(shape)
@@ -153,7 +171,7 @@ class LCMTask:
             # the target network's consistency function at t_n
             target_net = self.model.target if self.model.target is not None else self.model.student
             a_end = ac[end.to(device)].float().view(shape)
-            t_out = target_net(z_prev, t_end, hidden, context_mask=mask if use_mask else None, **guidance)
+            t_out = target_net(z_prev, t_end, hidden, context_mask=mask if use_mask else None, **guidance, **y_cond)
             target_x0, _ = split_prediction(t_out.float(), z_prev, a_end, self.prediction_type)
             c_skip, c_out = self._scalings(end, x0)
             target = c_skip * z_prev + c_out * target_x0
@@ -176,9 +194,9 @@ def build_lcm_task(cfg: TrainConfig, *, device: torch.device, is_main: bool, bar
     if cfg.pretrained is None:
         raise ValueError("distillation needs its teacher: pass pretrained=<model folder, file, or bundled:NAME>")
     teacher = load_pipeline(cfg.pretrained, device=device, dtype=torch.float32)
-    if hasattr(teacher.text_encoder, "encoders"):
-        raise ValueError(f"{cfg.pretrained} is an SDXL model: distilling SDXL is not supported yet (its micro-"
-                         "conditioning); distill an SD 1.x / 2.x or latentloom model")
+    teacher.release_text_encoders = False  # they encode every batch's captions
+    if getattr(teacher.text_encoder, "encoder_1", True) is None:
+        raise ValueError(f"{cfg.pretrained} is an SDXL refiner: distil a base model")
     if getattr(teacher.unet.config, "time_cond_proj_dim", None) is not None:
         raise ValueError(f"{cfg.pretrained} is already LCM-distilled (its UNet has a guidance embedding)")
     if teacher.unet.config.in_channels != teacher.latent_channels:
@@ -247,14 +265,21 @@ def export_lcm(cfg: TrainConfig, teacher, student: nn.Module, output: Path) -> N
     write_component(output, "vae", lambda tmp: teacher.vae.save_pretrained(str(tmp), safe_serialization=True))
     encoder = teacher.text_encoder
     kind = type(encoder).__name__
-    if kind == "CLIPEncoder":
-        write_component(output, "text_encoder", lambda tmp: encoder.model.save_pretrained(str(tmp)))
-        write_component(output, "tokenizer", lambda tmp: encoder.tokenizer.save_pretrained(str(tmp)))
-        text = {"kind": "clip"}
+    extra = {}
+    if kind in ("CLIPEncoder", "SDXLTextEncoders"):
+        sdxl = kind == "SDXLTextEncoders"
+        parts = [("", encoder.encoder_1), ("_2", encoder.encoder_2)] if sdxl else [("", encoder)]
+        for suffix, part in parts:
+            write_component(output, f"text_encoder{suffix}", lambda tmp, e=part: e.model.save_pretrained(str(tmp)))
+            write_component(output, f"tokenizer{suffix}", lambda tmp, e=part: e.tokenizer.save_pretrained(str(tmp)))
+        text = {"kind": "sdxl" if sdxl else "clip"}
+        if sdxl:
+            extra["force_zeros_for_empty_prompt"] = encoder.force_zeros_for_empty_prompt
     else:
         text = {"kind": "minilm"}  # the bundled encoder ships with latentloom
     defaults = {"sampler": "lcm", "num_inference_steps": 4,
                 "guidance_scale": 1.0 + (cfg.lcm_w_min + cfg.lcm_w_max) / 2, "height": cfg.resolution,
                 "width": cfg.resolution}
     update_model_index(output, text_encoder=text, resolution=cfg.resolution, space="latent",
-                       use_context_mask=teacher.use_context_mask, defaults=defaults, distilled_from=str(cfg.pretrained))
+                       use_context_mask=teacher.use_context_mask, defaults=defaults, distilled_from=str(cfg.pretrained),
+                       **extra)
