@@ -299,3 +299,31 @@ def test_lcm_model_img2img_matches_latent_consistency_img2img_pipeline(lcm):
                           progress=False, **args)
     close(result.images, expected, "lcm model img2img")
     assert result.recipes[0]["num_inference_steps"] == 4
+
+
+def test_kohya_lcm_lora_with_conv_layers_merges_like_the_peft_file(tmp_path):
+    """The same LCM-LoRA in Kohya form (lora_unet_*, lora_down / lora_up, alpha; 3x3 conv adapters shaped
+    (r, in, 3, 3) / (out, r, 1, 1)) merges to the same weights as in diffusers / peft form."""
+    from safetensors.torch import load_file, save_file
+
+    reference = tiny_sd_pipeline()
+    assert_lcm_lora_matches(reference, tmp_path, {"safety_checker": None}, "lcm-lora")
+    peft_file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    kohya = {}
+    for key, value in load_file(str(peft_file)).items():
+        module, part = key.removeprefix("unet.").rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = value
+        # the peft file carries no alpha, so diffusers and latentloom both scale it by alpha = rank
+        kohya[f"{name}.alpha"] = torch.tensor(float(value.shape[0] if part.startswith("A") else value.shape[1]))
+    assert any(v.ndim == 4 and v.shape[-1] == 3 for v in kohya.values())  # conv adapters are there
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    folder = tmp_path / "model"
+    a = latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
+    b = latentloom.load_pipeline(folder, device="cpu", dtype=torch.float32)
+    report = a.load_lora(peft_file)
+    kohya_report = b.load_lora(tmp_path / "kohya.safetensors")
+    assert kohya_report.applied_keys == kohya_report.total_keys and sorted(kohya_report.modules) == sorted(report.modules)
+    theirs = b.unet.state_dict()
+    for key, value in a.unet.state_dict().items():
+        torch.testing.assert_close(value, theirs[key], rtol=0, atol=1e-6, msg=lambda m: f"{key}: {m}")
