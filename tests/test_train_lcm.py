@@ -101,3 +101,22 @@ def test_sdxl_teacher_distils_into_an_sdxl_lcm_folder(data, tmp_path):
     assert pipe.unet.config.time_cond_proj_dim == 256 and pipe.unet.config.adm_in_channels is not None
     result = pipe("a red circle", num_inference_steps=2, seed=0, original_size=(32, 32), progress=False)
     assert result.images[0].size == (16, 16) and result.recipes[0]["guidance_mode"] == "embedded"
+
+
+def test_caption_dropout_reaches_the_teacher_and_cached_latents_are_refused(data, teacher, tmp_path, monkeypatch):
+    from latentloom.text_encoders.base import FrozenTextEncoder
+
+    seen = []
+    original = FrozenTextEncoder.encode_pair
+
+    def spy(self, prompts, negative_prompts=None):
+        seen.append(list(prompts))
+        return original(self, prompts, negative_prompts)
+
+    monkeypatch.setattr(FrozenTextEncoder, "encode_pair", spy)
+    run(data, teacher, tmp_path / "dropped", steps=1, caption_dropout=1.0)
+    assert seen and all(c == "" for batch in seen for c in batch)
+    with pytest.raises(ValueError, match="cache_latents is not supported for distillation"):
+        run(data, teacher, tmp_path / "cached", cache_latents=True)
+    with pytest.raises(ValueError, match=r"\['min_snr_gamma'\] do not apply to distillation"):
+        run(data, teacher, tmp_path / "snr", min_snr_gamma=5.0)

@@ -130,9 +130,12 @@ class LCMTask:
         gen = generators["noise"]
         device = gen.device
         pixels = batch["pixel_values"].to(device=device, dtype=torch.float32)
+        from latentloom.training.task_unet import drop_captions
+
+        captions = drop_captions(batch["caption"], p=cfg.caption_dropout, generator=generators["host"])
         with torch.no_grad():
             x0 = encode_images(pipe.vae, pixels, generator=gen).float()  # (B, C, h, w)
-            cond, uncond = pipe.text_encoder.encode_pair(list(batch["caption"]), [""] * len(batch["caption"]))
+            cond, uncond = pipe.text_encoder.encode_pair(captions, [""] * len(captions))
         B = x0.shape[0]
         hidden, mask = cond.hidden.to(device=device, dtype=torch.float32), cond.mask.to(device)
         u_hidden, u_mask = uncond.hidden.to(device=device, dtype=torch.float32), uncond.mask.to(device)
@@ -193,6 +196,14 @@ def build_lcm_task(cfg: TrainConfig, *, device: torch.device, is_main: bool, bar
 
     if cfg.pretrained is None:
         raise ValueError("distillation needs its teacher: pass pretrained=<model folder, file, or bundled:NAME>")
+    if cfg.cache_latents:
+        raise ValueError("cache_latents is not supported for distillation (model='lcm'): it encodes each batch")
+    unused = {name: value for name, value in (("min_snr_gamma", cfg.min_snr_gamma), ("noise_offset", cfg.noise_offset),
+                                              ("x0_weighting", cfg.x0_weighting), ("vae", cfg.vae),
+                                              ("model_config", cfg.model_config)) if value}
+    if unused:
+        raise ValueError(f"{sorted(unused)} do not apply to distillation (model='lcm'): its loss is the consistency "
+                         "loss, and the teacher brings its own VAE and architecture")
     teacher = load_pipeline(cfg.pretrained, device=device, dtype=torch.float32)
     teacher.release_text_encoders = False  # they encode every batch's captions
     if getattr(teacher.text_encoder, "encoder_1", True) is None:
