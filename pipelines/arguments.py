@@ -217,18 +217,11 @@ def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: 
     steps = check_int(custom_steps if custom is not None else
                       d.num_inference_steps if num_inference_steps is None else num_inference_steps,
                       "num_inference_steps", low=1, high=pipe.schedule.num_train_timesteps)
-    if timestep_spacing is not None:
-        if timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {list(TIMESTEP_SPACINGS)}, got {timestep_spacing!r}")
-        if scheduler_config is not None and not isinstance(scheduler_config, dict):
-            raise TypeError(f"scheduler_config must be a dict of scheduler_config.json keys, got "
-                            f"{type(scheduler_config).__name__}")
-        scheduler_config = {**(scheduler_config or {}), "timestep_spacing": timestep_spacing}
     scale = check_float(d.guidance_scale if guidance_scale is None else guidance_scale, "guidance_scale", low=0.0)
     rescale = check_float(guidance_rescale, "guidance_rescale", low=0.0, high=1.0)
     sampler = sampler or d.sampler
     get_sampler(sampler)
-    schedule = call_schedule(pipe, sampler, scheduler_config)
+    schedule = call_schedule(pipe, sampler, scheduler_config, timestep_spacing=timestep_spacing)
     per_prompt = check_int(num_images_per_prompt, "num_images_per_prompt", low=1, high=64)
     output_type = check_output_type(output_type)
     karras = schedule.use_karras_sigmas if karras_sigmas is None else check_bool(karras_sigmas, "karras_sigmas")
@@ -281,15 +274,19 @@ def check_custom_schedule(timesteps: Any, sigmas: Any) -> list[float] | None:
     return out
 
 
-def call_schedule(pipe, sampler: str, scheduler_config: Any = None) -> ScheduleConfig:
+def call_schedule(pipe, sampler: str, scheduler_config: Any = None, *, timestep_spacing: Any = None) -> ScheduleConfig:
     """The model's schedule as diffusers' scheduler for `sampler` would run it (a key the model's
     scheduler_config.json leaves out takes that class's default), with the caller's
-    `scheduler_config` settings (a dict of such keys, e.g. a recipe's) stated over it."""
+    `scheduler_config` settings (a dict of such keys, e.g. a recipe's) and `timestep_spacing` stated over it."""
     config = pipe.schedule_config
+    if scheduler_config is not None and not isinstance(scheduler_config, dict):
+        raise TypeError(f"scheduler_config must be a dict of scheduler_config.json keys, got "
+                        f"{type(scheduler_config).__name__}")
+    if timestep_spacing is not None:
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {list(TIMESTEP_SPACINGS)}, got {timestep_spacing!r}")
+        scheduler_config = {**(scheduler_config or {}), "timestep_spacing": timestep_spacing}
     if scheduler_config is not None:
-        if not isinstance(scheduler_config, dict):
-            raise TypeError(f"scheduler_config must be a dict of scheduler_config.json keys, got "
-                            f"{type(scheduler_config).__name__}")
         config = config.with_settings(scheduler_config)
     schedule = config.for_sampler(sampler)
     if schedule.num_train_timesteps != pipe.schedule.num_train_timesteps:

@@ -125,26 +125,23 @@ def call_sigmas(pipe, call: CallArgs) -> torch.Tensor:
                        set_alpha_to_one=cfg.set_alpha_to_one, original_inference_steps=cfg.original_inference_steps)
 
 
-def sampler_options(pipe, call: CallArgs, sigmas: torch.Tensor) -> dict[str, Any]:
-    """What the consistency samplers need beside the sigmas they walk: LCM the integer timestep of
-    each step and its time scale, TCD the level each step jumps to (from its eta)."""
-    if call.sampler not in ("lcm", "tcd"):
-        return {}
-    from latentloom.samplers.consistency import consistency_options
-
-    return consistency_options(call.sampler, pipe.discrete_schedule(call.schedule), sigmas,
-                               timestep_scaling=call.schedule.timestep_scaling, eta=call.eta)
-
-
-def run_sampler(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator,
-                callback: Callable | None, progress: bool, schedule: ScheduleConfig,
-                options: dict[str, Any] | None = None) -> torch.Tensor:
-    """Run solver `name` with a tqdm bar over its steps (off with progress=False), with the
-    options its resolved `schedule` asks for (clip_sample) and the caller's `options`."""
+def run_sampler(pipe, call: CallArgs, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
+                callback: Callable | None, progress: bool, options: dict[str, Any] | None = None) -> torch.Tensor:
+    """Run the call's sampler on the pipeline's device with a tqdm bar over its steps (off with
+    progress=False), with the options its resolved schedule asks for (clip_sample), what the
+    consistency samplers need beside the sigmas (LCM the integer timestep of each step and its time
+    scale, TCD the level each step jumps to), and the caller's `options`."""
     check_callback(callback)
-    options = {**({"clip_denoised": schedule.clip_sample_range} if schedule.clip_sample else {}), **(options or {})}
-    sample = get_sampler(name)
-    bar = tqdm(total=len(sigmas) - 1, desc=f"latentloom {name}", disable=not progress, leave=False)
+    schedule = call.schedule
+    extra = {"clip_denoised": schedule.clip_sample_range} if schedule.clip_sample else {}
+    if call.sampler in ("lcm", "tcd"):
+        from latentloom.samplers.consistency import consistency_options
+
+        extra.update(consistency_options(call.sampler, pipe.discrete_schedule(schedule), sigmas,
+                                         timestep_scaling=schedule.timestep_scaling, eta=call.eta))
+    options = {**extra, **(options or {})}
+    sample = get_sampler(call.sampler)
+    bar = tqdm(total=len(sigmas) - 1, desc=f"latentloom {call.sampler}", disable=not progress, leave=False)
 
     def on_step(i, sigma, x_i, denoised):
         bar.update(1)
@@ -152,6 +149,6 @@ def run_sampler(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, g
             callback(i, sigma, x_i, denoised)
 
     try:
-        return sample(denoiser, x, sigmas, generator=generator, callback=on_step, **options)
+        return sample(denoiser, x, sigmas.to(pipe.device), generator=call.generator, callback=on_step, **options)
     finally:
         bar.close()

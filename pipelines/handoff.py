@@ -5,7 +5,8 @@ runs the rest (`denoising_start`).
 Both cut the same schedule at timestep round(T - f * T): the base keeps the steps at or above it, the
 refiner those below, so with the same sampler and step count the refiner starts exactly where the base
 stopped. Heun (two model calls per step) is cut as diffusers cuts its doubled timestep list: the base's
-last step is only its Euler half, and the refiner repeats that whole step from the latents it got. Latents cross in diffusers' space for the sampler (the Euler family's x = x0 + sigma * eps,
+last step is only its Euler half, and the refiner repeats that whole step from the latents it got.
+Latents cross in diffusers' space for the sampler (the Euler family's x = x0 + sigma * eps,
 the VP samplers' x / sqrt(sigma^2 + 1)), so a latent made by diffusers' base also hands off here.
 """
 from __future__ import annotations

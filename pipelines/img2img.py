@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 
 from latentloom.pipelines.arguments import check_float, check_unet_channels, parse_call
-from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler, sampler_options
+from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.image_input import (
     check_image_size, encode_for_batch, expand_to_batch, images_to_tensor, per_prompt_images, record_hashes,
@@ -114,9 +114,7 @@ def image_to_image(
                               generator=call.generator)  # (B, C, h, w)
         noise = randn(x0.shape, generator=call.generator, device=pipe.device, dtype=torch.float32)
         x = add_noise(x0, noise, sigmas[0])
-    x = run_sampler(call.sampler, denoiser, x, sigmas.to(pipe.device), generator=call.generator,
-                    callback=callback, progress=progress, schedule=call.schedule,
-                    options=sampler_options(pipe, call, sigmas))
+    x = run_sampler(pipe, call, denoiser, x, sigmas, callback=callback, progress=progress)
     images = latents_to_output(pipe, final_latents(x, sigmas, sampler=call.sampler), call.output_type)
     recipes = call_recipes(pipe, call, height=height, width=width, task="img2img", strength=strength,
                            **(call.micro.recipe() if call.micro is not None else {}),

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from latentloom.pipelines.arguments import check_int, check_unet_channels, parse_call
-from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler, sampler_options
+from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.output import latents_to_output
 from latentloom.pipelines.image_input import (
-    check_image_size, draw_as_encode_for_batch, encode_for_batch, expand_to_batch, images_to_tensor, per_prompt_images, record_hashes,
-    to_model_range,
+    check_image_size, draw_as_encode_for_batch, encode_for_batch, expand_to_batch, images_to_tensor,
+    per_prompt_images, record_hashes, to_model_range,
 )
 from latentloom.pipelines.img2img import check_strength
 from latentloom.pipelines.micro_conditioning import micro_values, parse_micro
@@ -137,8 +137,7 @@ def inpaint(
         x = initial_latents(noise, sigmas, sampler=call.sampler, timestep_spacing=call.schedule.timestep_spacing)
     else:
         x = add_noise(x0, noise, sigmas[0])
-    x = run_sampler(call.sampler, denoiser, x, sigmas.to(device), generator=gen, callback=callback,
-                    progress=progress, schedule=call.schedule, options=sampler_options(pipe, call, sigmas))
+    x = run_sampler(pipe, call, denoiser, x, sigmas, callback=callback, progress=progress)
     latents = final_latents(x, sigmas, sampler=call.sampler)
     if channels == c:
         latents = torch.lerp(x0, latents, latent_mask)

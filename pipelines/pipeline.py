@@ -78,8 +78,8 @@ class Pipeline:
 
         modules = [self.unet, self.vae] + [getattr(e, "model", None) for e in getattr(
             self.text_encoder, "encoders", [self.text_encoder])]
-        total = sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters()
-                    if p.device.type != "meta")
+        # released weights (on the meta device) still count: the rule must not depend on them being out
+        total = sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
         memory = physical_memory_bytes()
         return bool(memory) and total > memory / 2
 

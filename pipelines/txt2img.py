@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 
 from latentloom.pipelines.arguments import check_float, check_size, parse_call
-from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler, sampler_options
+from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.output import latents_to_output
 from latentloom.pipelines.handoff import base_sampler_options, check_fraction, cut_end, to_handoff
@@ -113,10 +113,11 @@ def text_to_image(
         steps = len(sigmas) - 1
         sigmas = cut_end(pipe, call, sigmas, denoising_end)
         options = base_sampler_options(call.sampler, steps_after=steps - (len(sigmas) - 1))
-    options = {**sampler_options(pipe, call, sigmas), **options}
-    x = run_sampler(call.sampler, denoiser, x, sigmas.to(pipe.device), generator=call.generator,
-                    callback=callback, progress=progress, schedule=call.schedule, options=options)
-    latents = final_latents(x, sigmas, sampler=call.sampler) if denoising_end is None else to_handoff(x, float(sigmas[-1]), call.sampler)
+    x = run_sampler(pipe, call, denoiser, x, sigmas, callback=callback, progress=progress, options=options)
+    if denoising_end is None:
+        latents = final_latents(x, sigmas, sampler=call.sampler)
+    else:
+        latents = to_handoff(x, float(sigmas[-1]), call.sampler)
     images = latents_to_output(pipe, latents, call.output_type, vae_tiling=call.vae_tiling)
     recipes = call_recipes(pipe, call, height=height, width=width, task="txt2img", clip_guidance_scale=clip_scale,
                            vae_tiling=call.vae_tiling, **(call.micro.recipe() if call.micro is not None else {}),

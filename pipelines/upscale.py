@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from latentloom.pipelines.arguments import check_int, check_size, check_unet_channels, parse_call
-from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler, sampler_options
+from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.output import latents_to_output
 from latentloom.pipelines.image_input import (
@@ -98,8 +98,7 @@ def upscale(
 
     noise = randn((batch, c, h, w), generator=gen, device=device, dtype=torch.float32)
     x = initial_latents(noise, sigmas, sampler=call.sampler, timestep_spacing=call.schedule.timestep_spacing)
-    x = run_sampler(call.sampler, denoiser, x, sigmas.to(device), generator=gen, callback=callback,
-                    progress=progress, schedule=call.schedule, options=sampler_options(pipe, call, sigmas))
+    x = run_sampler(pipe, call, denoiser, x, sigmas, callback=callback, progress=progress)
     images = latents_to_output(pipe, final_latents(x, sigmas, sampler=call.sampler), call.output_type, base=base)
     recipes = call_recipes(pipe, call, height=height, width=width, task="upscale", noise_level=noise_level,
                            input_height=h, input_width=w)
