@@ -245,7 +245,7 @@ def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: 
         raise ValueError(f"eta (TCD's gamma) applies to sampler 'tcd', not {sampler!r}")
     if sampler == "tcd":
         eta = check_float(TCD_ETA if eta is None else eta, "eta", low=0.0, high=1.0)
-    embedded = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+    embedded = bool(getattr(pipe.unet.config, "guidance_embedded", False))
     return CallArgs(prompts, negatives, steps, scale, rescale, sampler, karras, per_prompt, output_type,
                     generator, seeds, schedule, vae_tiling, prompts_2, negatives_2, eta=eta,
                     guidance_embedded=embedded, timesteps=None if timesteps is None else custom,

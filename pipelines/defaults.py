@@ -22,9 +22,17 @@ class CallDefaults:
 SDXL_GUIDANCE_SCALE = 5.0
 
 
-def call_defaults(side: int, *, sdxl: bool = False) -> CallDefaults:
-    """A Stable Diffusion model's defaults at its native `side`; SDXL guides at diffusers' 5.0."""
-    return CallDefaults(height=side, width=side, **({"guidance_scale": SDXL_GUIDANCE_SCALE} if sdxl else {}))
+# diffusers' LatentConsistencyModelPipeline: 4 consistency steps, w = 8.5 into the guidance embedding
+LCM_DISTILLED_DEFAULTS = dict(num_inference_steps=4, guidance_scale=8.5, sampler="lcm")
+
+
+def call_defaults(side: int, *, sdxl: bool = False, guidance_embedded: bool = False) -> CallDefaults:
+    """A Stable Diffusion model's defaults at its native `side`; SDXL guides at diffusers' 5.0; an
+    LCM-distilled UNet (one with a guidance embedding) samples as diffusers' LCM pipeline does."""
+    extra = dict(LCM_DISTILLED_DEFAULTS) if guidance_embedded else {}
+    if sdxl and not guidance_embedded:
+        extra["guidance_scale"] = SDXL_GUIDANCE_SCALE
+    return CallDefaults(height=side, width=side, **extra)
 
 
 def default_device() -> torch.device:

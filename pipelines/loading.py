@@ -150,7 +150,8 @@ def load_diffusers_folder(folder: Path, index: dict[str, Any], *, dtype: torch.d
     side = int(unet_config.get("sample_size") or 64) * 2 ** (len(vae.config.block_out_channels) - 1)
     pipe = Pipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, schedule_config=schedule, name=str(folder),
-        use_context_mask=False, defaults=call_defaults(side, sdxl=sdxl),
+        use_context_mask=False,
+        defaults=call_defaults(side, sdxl=sdxl, guidance_embedded=unet.config.guidance_embedded),
         weights_files=sorted((folder / "unet").glob("*.safetensors"))[:1], upscaler=_upscaler_settings(folder, index),
     )
     return pipe

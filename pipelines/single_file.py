@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from latentloom.pipelines.defaults import CallDefaults
+from latentloom.pipelines.defaults import call_defaults
 from latentloom.pipelines.pipeline import Pipeline
 from latentloom.pipelines.single_file_text import SD2_TEXT_PREFIX, clip_l_text_model, load_exact, open_clip_text_model
 from latentloom.samplers.schedules import ScheduleConfig
@@ -113,7 +113,9 @@ def _build(path: Path, state: dict[str, torch.Tensor], *, tokenizer, prediction_
         schedule = schedule.with_settings({"prediction_type": prediction_type})
     side = (768 if sd2 and prediction_type == "v_prediction" else 512)
     return Pipeline(unet=unet, vae=vae, text_encoder=encoder, schedule_config=schedule, name=str(path),
-                    use_context_mask=False, defaults=CallDefaults(height=side, width=side), weights_files=[path])
+                    use_context_mask=False,
+                    defaults=call_defaults(side, guidance_embedded=unet.config.guidance_embedded),
+                    weights_files=[path])
 
 
 def _vae_from_state(state: dict[str, torch.Tensor], path: Path):

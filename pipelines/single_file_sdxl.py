@@ -55,7 +55,8 @@ def build_sdxl(path: Path, state: dict[str, torch.Tensor], unet, vae, *, tokeniz
     vae.register_to_config(scaling_factor=SDXL_VAE_SCALING)
     schedule = ScheduleConfig.from_diffusers_config(SDXL_SCHEDULER_CONFIG)
     return Pipeline(unet=unet, vae=vae, text_encoder=encoders, schedule_config=schedule, name=str(path),
-                    use_context_mask=False, defaults=call_defaults(1024, sdxl=True), weights_files=[path])
+                    use_context_mask=False, weights_files=[path],
+                    defaults=call_defaults(1024, sdxl=True, guidance_embedded=unet.config.guidance_embedded))
 
 
 def _tokenizer(folder, path: Path, subfolder: str):

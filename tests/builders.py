@@ -92,16 +92,18 @@ def tiny_sd_pipeline(seed: int = 0, *, scheduler: str = "ddim", in_channels: int
     )
 
 
-def tiny_lcm_pipeline(seed: int = 0):
+def tiny_lcm_pipeline(seed: int = 0, *, text_hidden: int = 32):
     """diffusers' LatentConsistencyModelPipeline from tiny parts: a UNet with a guidance embedding
-    (time_cond_proj_dim) and LCMScheduler on SD's betas."""
+    (time_cond_proj_dim) and LCMScheduler on SD's betas. text_hidden=64 gives the text encoder
+    CLIP's 64-wide heads, which single files need (they do not state the head count)."""
     import diffusers
 
     scheduler = diffusers.LCMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                        beta_schedule="scaled_linear", set_alpha_to_one=False)
     return diffusers.LatentConsistencyModelPipeline(
-        vae=tiny_vae(seed), text_encoder=clip_text_model(seed, 32, 4), tokenizer=clip_tokenizer(),
-        unet=tiny_diffusers_unet(seed, time_cond_proj_dim=16), scheduler=scheduler,
+        vae=tiny_vae(seed), text_encoder=clip_text_model(seed, text_hidden, text_hidden // 64 if text_hidden >= 64 else 4),
+        tokenizer=clip_tokenizer(),
+        unet=tiny_diffusers_unet(seed, cross_attention_dim=text_hidden, time_cond_proj_dim=16), scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 

@@ -327,3 +327,57 @@ def test_kohya_lcm_lora_with_conv_layers_merges_like_the_peft_file(tmp_path):
     theirs = b.unet.state_dict()
     for key, value in a.unet.state_dict().items():
         torch.testing.assert_close(value, theirs[key], rtol=0, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("ldm_name", ["time_embedding.cond_proj.weight", "time_embed.cond_proj.weight"])
+def test_lcm_single_file_matches_latent_consistency_model_pipeline(tmp_path, ldm_name):
+    """An LCM-distilled model as a single file: its guidance embedding under the name diffusers'
+    convert_diffusers_to_original_stable_diffusion.py leaves it (or the time_embed spelling of other
+    converters) loads, and the file's defaults are the LCM pipeline's (lcm, 4 steps, w = 8.5)."""
+    from safetensors.torch import load_file, save_file
+
+    from builders import to_single_file
+    from latentloom.unet import UNetConfig
+
+    reference = tiny_lcm_pipeline(text_hidden=64)
+    reference.set_progress_bar_config(disable=True)
+    folder = save_sd_folder(reference, tmp_path / "folder")  # for its tokenizer
+    path = to_single_file(reference, tmp_path / "lcm.safetensors")
+    state = load_file(path)
+    state["model.diffusion_model." + ldm_name] = state.pop("model.diffusion_model.time_embedding.cond_proj.weight")
+    save_file(state, str(path))
+    ours = latentloom.load_pipeline(path, device="cpu", dtype=torch.float32, tokenizer=folder,
+                                    unet_config=UNetConfig.from_diffusers_config(dict(reference.unet.config)))
+    assert (ours.defaults.sampler, ours.defaults.num_inference_steps, ours.defaults.guidance_scale) == ("lcm", 4, 8.5)
+    args = dict(prompt=["a red circle", "two blue stars"], height=16, width=16)
+    expected = reference(generator=torch.Generator().manual_seed(4), output_type="np", **args).images
+    result = ours(**args, generator=torch.Generator().manual_seed(4), output_type="np", progress=False)
+    close(result.images, expected, f"lcm single file ({ldm_name})")
+    assert result.recipes[0]["guidance_mode"] == "embedded"
+
+
+def test_ldm_config_inference_reads_the_guidance_embedding_width():
+    from latentloom.unet import UNet, UNetConfig
+    from latentloom.unet.convert import diffusers_to_ldm, infer_config_from_ldm_state_dict
+
+    unet = UNet(UNetConfig.tiny(channels=(32, 64), norm_groups=32, time_cond_proj_dim=24))
+    state = diffusers_to_ldm(unet.to_diffusers_state_dict(), unet.config)
+    assert "time_embedding.cond_proj.weight" in state
+    assert infer_config_from_ldm_state_dict(state).time_cond_proj_dim == 24
+    del state["time_embedding.cond_proj.weight"]
+    assert infer_config_from_ldm_state_dict(state).time_cond_proj_dim is None
+
+
+def test_lcm_single_file_with_both_spellings_is_an_error():
+    from latentloom.unet.convert import ldm_to_diffusers
+    from latentloom.unet import UNetConfig
+
+    weight = torch.zeros(32, 16)
+    state = {"time_embedding.cond_proj.weight": weight, "time_embed.cond_proj.weight": weight}
+    with pytest.raises(ValueError, match="names 'time_embedding.cond_proj.weight' twice"):
+        ldm_to_diffusers(state, UNetConfig.tiny(time_cond_proj_dim=16))
+
+
+def test_lcm_folder_defaults_to_the_lcm_pipeline_call(lcm):
+    _, ours = lcm
+    assert (ours.defaults.sampler, ours.defaults.num_inference_steps, ours.defaults.guidance_scale) == ("lcm", 4, 8.5)

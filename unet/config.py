@@ -106,6 +106,11 @@ class UNetConfig:
 
     # ------------------------------------------------------------------ derived shapes
     @property
+    def guidance_embedded(self) -> bool:
+        """An LCM-distilled UNet: the guidance scale enters through its embedding, not CFG."""
+        return self.time_cond_proj_dim is not None
+
+    @property
     def num_levels(self) -> int:
         return len(self.channels)
 

@@ -17,6 +17,12 @@ from latentloom.unet.config import UNetConfig
 LDM_PREFIX = "model.diffusion_model."
 _PROJ = re.compile(r"\.proj_(in|out)\.weight$")
 
+# The guidance embedding of LCM-distilled UNets has no name in the LDM layout. diffusers' script
+# convert_diffusers_to_original_stable_diffusion.py (how LCM single files are made) keeps its
+# diffusers name under the LDM prefix; some converters write it as part of time_embed. Both load;
+# export writes the first.
+_LDM_COND_PROJ = ("time_embedding.cond_proj.", "time_embed.cond_proj.")
+
 _LDM_RESNET = {
     "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
     "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
@@ -80,6 +86,8 @@ def ldm_to_diffusers(sd: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[st
         new = _rename_ldm_key(key, table)
         if new is None:
             unexpected.append(key)
+        elif new in out:
+            raise ValueError(f"LDM state dict names {new!r} twice (as {key!r} and under another name)")
         else:
             out[new] = value
     if unexpected:
@@ -103,7 +111,8 @@ def _rename_ldm_key(key: str, table: list[tuple[str, str, bool]]) -> str | None:
 
 def _ldm_prefix_table(cfg: UNetConfig) -> list[tuple[str, str, bool]]:
     """(LDM prefix, diffusers prefix, is ResBlock) for every module of ``cfg``."""
-    t = [("time_embed.0.", "time_embedding.linear_1.", False),
+    t = [(old, "time_embedding.cond_proj.", False) for old in _LDM_COND_PROJ if cfg.time_cond_proj_dim is not None]
+    t += [("time_embed.0.", "time_embedding.linear_1.", False),
          ("time_embed.2.", "time_embedding.linear_2.", False),
          # SDXL's vector conditioning MLP (sgm: label_emb = Sequential(Sequential(Linear, SiLU, Linear)))
          ("label_emb.0.0.", "add_embedding.linear_1.", False),
@@ -162,7 +171,8 @@ def infer_config_from_ldm_state_dict(sd: Mapping[str, torch.Tensor]) -> UNetConf
     """Read the architecture off the tensor shapes of an LDM UNet state dict.
 
     Shapes fix channels, levels, layers, attention, depth, context width, projection kind,
-    in/out channels, the class embedding and SDXL's vector conditioning. Heads are not in the
+    in/out channels, the class embedding, SDXL's vector conditioning and LCM's guidance
+    embedding. Heads are not in the
     shapes: we follow the released models (context 768: 8 heads, SD 1.x; context 1024: head
     dim 64, SD 2.x; with a noise-level embedding: 8 heads, the x4 upscaler; with a vector
     conditioning: head dim 64 and numbers embedded 256 wide, SDXL base and refiner). Pass
@@ -212,6 +222,7 @@ def infer_config_from_ldm_state_dict(sd: Mapping[str, torch.Tensor]) -> UNetConf
     depth = [d if d is not None else (mid_depth if i == len(depth) - 1 else 1) for i, d in enumerate(depth)]
     num_class = sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None
     adm = sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else None
+    cond_proj = [sd[name + "weight"].shape[1] for name in _LDM_COND_PROJ if name + "weight" in sd]
     if adm is None and (num_class is not None or context_dim != 1024):
         heads = dict(num_heads=8, head_dim=None)
     else:  # SD 2.x, and SDXL base / refiner: 64-wide heads
@@ -224,6 +235,7 @@ def infer_config_from_ldm_state_dict(sd: Mapping[str, torch.Tensor]) -> UNetConf
         only_cross_attention=only_cross, num_class_embeds=num_class,
         # SDXL's numbers are embedded 256 wide (base: 1280 + 6 x 256, refiner: 1280 + 5 x 256)
         adm_in_channels=adm, addition_time_embed_dim=256 if adm is not None else None,
+        time_cond_proj_dim=cond_proj[0] if cond_proj else None,
     )
 
 
