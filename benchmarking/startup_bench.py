@@ -175,8 +175,8 @@ def _fast_pipeline():
 
 def _diffusers_twin(pipe):
     """diffusers on the bundled weights: UNet2DConditionModel from `UNet.to_diffusers_state_dict()`,
-    a float32 copy of the VAE, DPMSolverMultistepScheduler from the bundled scheduler config."""
-    import copy
+    a float32 diffusers AutoencoderKL with the VAE's weights, DPMSolverMultistepScheduler from the
+    bundled scheduler config."""
     import json
 
     import diffusers
@@ -187,7 +187,7 @@ def _diffusers_twin(pipe):
     unet.load_state_dict({k: v.float() for k, v in pipe.unet.to_diffusers_state_dict().items()}, strict=True)
     scheduler_config = json.loads((bundled_model_dir() / "scheduler" / "scheduler_config.json").read_text())
     twin = diffusers.StableDiffusionPipeline(
-        vae=copy.deepcopy(pipe.vae).float().eval(), text_encoder=None, tokenizer=None, unet=unet.eval(),
+        vae=pipe.vae.to_diffusers().float(), text_encoder=None, tokenizer=None, unet=unet.eval(),
         scheduler=diffusers.DPMSolverMultistepScheduler.from_config(scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )

@@ -27,10 +27,11 @@ class UpscalerSettings:
 class Pipeline:
     """Holds the components; `pipe(prompt, ...)` makes images (see `txt2img.text_to_image`).
 
-    unet: latentloom UNet. vae: diffusers AutoencoderKL. text_encoder: a latentloom text
-    encoder (`encode(list[str]) -> TextEmbedding`). schedule_config: the noise schedule the
-    UNet was trained with. use_context_mask: pass the padding mask to cross-attention (the
-    bundled model was trained with it; Stable Diffusion was not, so diffusers passes none).
+    unet: latentloom UNet. vae: latentloom's AutoencoderKL (or diffusers', or a PixelShuffleVAE).
+    text_encoder: a latentloom text encoder (`encode(list[str]) -> TextEmbedding`).
+    schedule_config: the noise schedule the UNet was trained with. use_context_mask: pass the
+    padding mask to cross-attention (the bundled model was trained with it; Stable Diffusion was
+    not, so diffusers passes none).
     upscaler: set for super-resolution models (`UpscalerSettings`), None otherwise.
     """
 

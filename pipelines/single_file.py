@@ -1,10 +1,10 @@
 """Original single-file Stable Diffusion 1.x / 2.x checkpoints (`.safetensors`).
 
 One file holds three models under prefixes: `model.diffusion_model.` (the UNet, converted by
-latentloom.unet), `first_stage_model.` (the VAE) and `cond_stage_model.` (CLIP ViT-L for 1.x,
-OpenCLIP ViT-H for 2.x). The VAE and text-encoder key renaming is diffusers' own converter:
-those models are diffusers' / transformers' classes, so we use their mapping rather than a copy.
-The file carries no tokenizer and no scheduler settings; see `load_single_file`.
+latentloom.unet), `first_stage_model.` (the VAE, converted by latentloom.vae) and
+`cond_stage_model.` (CLIP ViT-L for 1.x, OpenCLIP ViT-H for 2.x). The text-encoder key renaming
+is diffusers' own converter: those are transformers' classes, so we use its mapping rather than a
+copy. The file carries no tokenizer and no scheduler settings; see `load_single_file`.
 """
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ import torch
 
 from latentloom.pipelines.defaults import call_defaults
 from latentloom.pipelines.pipeline import Pipeline
-from latentloom.pipelines.single_file_text import SD2_TEXT_PREFIX, clip_l_text_model, load_exact, open_clip_text_model
+from latentloom.pipelines.single_file_text import SD2_TEXT_PREFIX, clip_l_text_model, open_clip_text_model
 from latentloom.samplers.schedules import ScheduleConfig
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+SD_VAE_SCALING = 0.18215  # SD 1.x / 2.x; SDXL's file gets its own (single_file_sdxl.SDXL_VAE_SCALING)
 # The scheduler settings diffusers' `from_single_file` gives each kind of checkpoint: the
 # scheduler_config.json of the release it reads its configs from (SD 1.5 for 1.x, SD 2.1 for 2.x,
 # the SD 1.5 / SD 2 inpainting releases for 9-channel UNets; tests/data/release_configs). They
@@ -91,13 +92,15 @@ def _build(path: Path, state: dict[str, torch.Tensor], *, tokenizer, prediction_
     unet_state = {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
     if not unet_state:
         raise ValueError(f"{path} holds no Stable Diffusion UNet (no '{UNET_PREFIX}*' keys)")
-    unet = UNet.from_ldm_state_dict(unet_state, config=unet_config)
-    vae = _vae_from_state(state, path)
     from latentloom.pipelines.single_file_sdxl import build_sdxl, is_sdxl_checkpoint
 
-    if is_sdxl_checkpoint(state):
+    unet = UNet.from_ldm_state_dict(unet_state, config=unet_config)
+    sdxl = is_sdxl_checkpoint(state)
+    sd2 = not sdxl and any(k.startswith(SD2_TEXT_PREFIX) for k in state)
+    # the VAE's tile: the image side of the release config diffusers reads for such a file
+    vae = _vae_from_state(state, path, sample_size=1024 if sdxl else 768 if sd2 else 512)
+    if sdxl:
         return build_sdxl(path, state, unet, vae, tokenizer=tokenizer)
-    sd2 = any(k.startswith(SD2_TEXT_PREFIX) for k in state)
     text_model = open_clip_text_model(state, path) if sd2 else clip_l_text_model(state, path)
     encoder = _encoder(text_model, _tokenizer(tokenizer, path, sd2=sd2, vocab_size=text_model.config.vocab_size))
     if prediction_type is None:
@@ -118,32 +121,14 @@ def _build(path: Path, state: dict[str, torch.Tensor], *, tokenizer, prediction_
                     weights_files=[path])
 
 
-def _vae_from_state(state: dict[str, torch.Tensor], path: Path):
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+def _vae_from_state(state: dict[str, torch.Tensor], path: Path, *, sample_size: int):
+    """The file's VAE; tiles of its native image side (`sample_size`), as in its release's config."""
+    from latentloom.vae.loading import vae_from_ldm
 
-    vae_state = {k: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
+    vae_state = {k[len(VAE_PREFIX):]: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
     if not vae_state:
         raise ValueError(f"{path} holds no VAE ('{VAE_PREFIX}*' keys)")
-    levels = sum(1 for k in vae_state if k.startswith(VAE_PREFIX + "encoder.down.") and k.endswith(".block.0.conv1.weight"))
-    widths = [int(vae_state[f"{VAE_PREFIX}encoder.down.{i}.block.0.conv2.weight"].shape[0]) for i in range(levels)]
-    blocks = sum(1 for k in vae_state if k.startswith(VAE_PREFIX + "encoder.down.0.block.") and k.endswith(".conv1.weight"))
-    groups = 32 if widths[0] % 32 == 0 else _largest_divisor(widths[0])
-    config = dict(
-        in_channels=int(vae_state[VAE_PREFIX + "encoder.conv_in.weight"].shape[1]),
-        out_channels=int(vae_state[VAE_PREFIX + "decoder.conv_out.weight"].shape[0]),
-        down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
-        block_out_channels=widths, layers_per_block=blocks, norm_num_groups=groups,
-        latent_channels=int(vae_state[VAE_PREFIX + "post_quant_conv.weight"].shape[0]), scaling_factor=0.18215,
-    )
-    converted = convert_ldm_vae_checkpoint(vae_state, config)
-    vae = AutoencoderKL(**config)
-    load_exact(vae, converted, path, "VAE")
-    return vae.eval()
-
-
-def _largest_divisor(width: int) -> int:
-    return max(g for g in (32, 16, 8, 4, 2, 1) if width % g == 0)
+    return vae_from_ldm(vae_state, scaling_factor=SD_VAE_SCALING, sample_size=sample_size, source=str(path))
 
 
 def _tokenizer(tokenizer: str | Path | None, path: Path, *, sd2: bool, vocab_size: int):

@@ -52,7 +52,7 @@ def build_sdxl(path: Path, state: dict[str, torch.Tensor], unet, vae, *, tokeniz
     kw = dict(clip_skip=SDXL_CLIP_SKIP, final_layer_norm=SDXL_FINAL_LAYER_NORM)
     encoders = SDXLTextEncoders(None if first is None else CLIPEncoder(first, tok_1, **kw),
                                 CLIPEncoder(second, tok_2, **kw), force_zeros_for_empty_prompt=not refiner)
-    vae.register_to_config(scaling_factor=SDXL_VAE_SCALING)
+    vae.config.scaling_factor = SDXL_VAE_SCALING
     schedule = ScheduleConfig.from_diffusers_config(SDXL_SCHEDULER_CONFIG)
     return Pipeline(unet=unet, vae=vae, text_encoder=encoders, schedule_config=schedule, name=str(path),
                     use_context_mask=False, weights_files=[path],

@@ -67,7 +67,7 @@ def test_fp16_keeps_an_upcast_vae_in_fp32():
     assert next(pipe.unet.parameters()).dtype == torch.float16
     force = bool(getattr(pipe.vae.config, "force_upcast", False))
     assert next(pipe.vae.parameters()).dtype == (torch.float32 if force else torch.float16)
-    pipe.vae.register_to_config(force_upcast=False)
+    pipe.vae.config.force_upcast = False
     pipe.to(dtype="fp16")
     assert next(pipe.vae.parameters()).dtype == torch.float16
 

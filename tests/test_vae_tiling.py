@@ -133,7 +133,7 @@ def test_tiling_errors():
             return self.inner.decode(z)
 
     plain = PlainDecoder()
-    with pytest.raises(ValueError, match="vae_tiling=True needs a VAE with diffusers' tiling .*PlainDecoder"):
+    with pytest.raises(ValueError, match="vae_tiling=True needs a VAE with tiling .*PlainDecoder"):
         decode_latents(plain, torch.zeros(1, 4, 8, 8), tiling=True)
     assert decode_latents(plain, torch.zeros(1, 4, 8, 8)).shape == (1, 3, 16, 16)  # automatic: off
 

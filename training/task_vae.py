@@ -109,7 +109,8 @@ def build_vae_task(cfg: TrainConfig, *, device: torch.device, is_main: bool, bar
     from latentloom.vae.loading import load_vae
 
     if cfg.pretrained is not None:
-        vae = load_vae(find_vae_folder(cfg.pretrained))
+        # training keeps diffusers' class (its gradient checkpointing); latentloom's loader checks the folder
+        vae = load_vae(find_vae_folder(cfg.pretrained)).to_diffusers()
     else:
         vae = build_vae(cfg.model_config, resolution=cfg.resolution)
     if cfg.gradient_checkpointing:

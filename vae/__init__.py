@@ -1,3 +1,3 @@
-"""The autoencoders between pixels and latents: loading a VAE folder, encoding and decoding
-(with tiling), and the weightless PixelShuffleVAE for pixel-space models. A model part: it
-imports nothing above the model-parts floor."""
+"""The autoencoders between pixels and latents: latentloom's AutoencoderKL (diffusers' folders and
+single-file VAE keys load into it), loading, encoding and decoding (with tiling), and the weightless
+PixelShuffleVAE for pixel-space models. A model part: it imports nothing above the model-parts floor."""

@@ -1,4 +1,5 @@
-"""Latents <-> pixels around a VAE (diffusers' AutoencoderKL, or the weightless PixelShuffleVAE).
+"""Latents <-> pixels around a VAE (latentloom's AutoencoderKL, diffusers' with the same interface, or
+the weightless PixelShuffleVAE).
 
 Pixel tensors are (B, 3, H, W) in [-1, 1]; latents are scaled by the VAE's
 `scaling_factor` (and shifted by `shift_factor` where the config has one), as diffusers does.
@@ -33,7 +34,7 @@ _ACTIVATIONS_PER_ELEMENT = 8
 
 
 def _tile_latent_side(vae) -> int | None:
-    """The latent side of one decoder tile, or None for a VAE without diffusers' tiling."""
+    """The latent side of one decoder tile, or None for a VAE without AutoencoderKL's tiling."""
     if not hasattr(vae, "use_tiling") or not hasattr(vae, "tile_latent_min_size"):
         return None
     return int(vae.tile_latent_min_size)
@@ -68,10 +69,10 @@ def check_tiling(tiling) -> bool | None:
 
 @contextmanager
 def _tiling_state(vae, enabled: bool) -> Iterator[None]:
-    """diffusers' own tiling switch, set for one call and put back: the caller's VAE is unchanged."""
+    """The VAE's tiling switch, set for one call and put back: the caller's VAE is unchanged."""
     if _tile_latent_side(vae) is None:
         if enabled:
-            raise ValueError(f"vae_tiling=True needs a VAE with diffusers' tiling (AutoencoderKL); "
+            raise ValueError(f"vae_tiling=True needs a VAE with tiling (AutoencoderKL); "
                              f"{type(vae).__name__} has none. Pass vae_tiling=None or False")
         yield
         return
@@ -88,8 +89,9 @@ def decode_latents(vae, latents: torch.Tensor, *, tiling: bool | None = None) ->
     """Latents (B, C, h, w) -> images (B, 3, H, W) in about [-1, 1].
 
     tiling: None chooses (`auto_tiling`: on for latents of 2+ VAE tiles a side whose untiled decode
-    would need 1 GB or more), True / False force it. Tiling is diffusers' (overlapping tiles of the
-    VAE's `tile_latent_min_size`, blended), so tiled images differ slightly near the tile seams.
+    would need 1 GB or more), True / False force it. Tiling is diffusers' scheme (overlapping tiles of
+    the VAE's `tile_latent_min_size`, blended: vae/tiling.py), so tiled images differ slightly near the
+    tile seams.
     A low-precision decode that overflows (non-finite pixels) is redone in fp32 with a
     warning, so a black image is never returned silently.
     """
