@@ -152,10 +152,16 @@ def test_bundled_and_startup_tables():
     assert bundled.rows[0][5] is None and positive(bundled.rows[1][5]) and positive(bundled.rows[1][6])
     assert "4 lcm steps" in bundled.rows[2][1] and bundled.rows[2][7].endswith("the default's time")
     assert "2 steps" in bundled.title
-    assert [row[0].split()[0] for row in startup.rows] == ["latentloom", "python"]
+    generate, torch_row, lazy = startup.rows
+    assert generate[0].startswith("latentloom generate ")
+    assert (torch_row[0], lazy[0]) == ('python -c "import torch"', 'python -c "import latentloom"')
     for row in startup.rows:
         assert len(row) == len(startup.header)
         assert positive(row[1]) and positive(row[2]) and len(row[3].split()) == 1
+    # the cold start as a multiple of a bare `import torch`, against the 2.5x goal
+    assert startup.header[4] == "x import torch" and torch_row[4] == "1.00x"
+    assert generate[4] == f"{generate[1] / torch_row[1]:.2f}x"
+    assert generate[5].startswith(f"<= {startup_bench.GOALS['startup_ratio']:g}x import torch: ")
 
 
 def test_startup_parts_default_to_the_bench_target():
