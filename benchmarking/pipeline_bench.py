@@ -12,6 +12,10 @@ defaults       what each library does when asked for an image: diffusers' pipeli
                whole fp32 image takes many minutes on one core, so with --measure-steps K the
                time per image is composed from measured parts: text encoding + denoiser calls
                x median step (K steps timed after one warm-up step) + VAE decode.
+cache          step caching (`cache_interval=N`, DeepCache) in latentloom's defaults (fast dtype,
+               channels_last, dpmpp_2m, 30 steps): the whole UNet forward and the shallow one
+               (cache primed) timed alternately, and the time per image composed for each N:
+               text encoding + full calls x full s + cached calls x shallow s + VAE decode.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ MODES = {  # name -> (dtype name, channels_last)
     "bf16": ("bfloat16", False),
     "bf16-cl": ("bfloat16", True),
 }
-PARTS = ("same", "defaults")
+PARTS = ("same", "defaults", "cache")
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -42,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measure-steps", type=int, default=None, metavar="K",
                         help="defaults: time K steps after one warm-up step and compose the time per image "
                              "(default 3 for sd15); 0 = time whole images (default for --preset tiny)")
+    parser.add_argument("--cache-interval", default="2,3,5", metavar="N,N,...",
+                        help="cache part: the step-caching intervals to compose (ints >= 2; default 2,3,5)")
     parser.add_argument("--prompt", default=PROMPT, help="the prompt (one, with classifier-free guidance)")
     parser.add_argument("--seed", type=int, default=0, help="weights and noise seed")
 
@@ -72,7 +78,19 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     if not args.prompt.strip():
         raise ValueError("--prompt must not be empty")
     return dict(preset=preset, resolution=resolution, runs=runs, measure_steps=k,
-                parts=_list(args.parts, PARTS, "--parts"), modes=_list(args.modes, MODES, "--modes"))
+                parts=_list(args.parts, PARTS, "--parts"), modes=_list(args.modes, MODES, "--modes"),
+                cache_intervals=_intervals(getattr(args, "cache_interval", "2,3,5")))
+
+
+def _intervals(text: Any) -> list[int]:
+    """--cache-interval: distinct ints >= 2 (1 is the baseline every table row is compared with)."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 2 for v in values) or len(set(values)) != len(values):
+        raise ValueError(f"--cache-interval must be a comma list of distinct ints >= 2, got {text!r}")
+    return values
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -105,6 +123,8 @@ def run(args: argparse.Namespace) -> list[Table]:
         same_table.add_row(measure_same(pair, mode, args=args, s=s))
     if "defaults" in s["parts"]:
         tables.append(measure_defaults(pair, args=args, s=s, header=header))
+    if "cache" in s["parts"]:
+        tables.append(measure_cache(pair, args=args, s=s, header=header))
     for mode in late:
         same_table.add_row(measure_same(pair, mode, args=args, s=s))
     if same_table.rows:
@@ -342,3 +362,79 @@ def _encode_decode(ref, ours, steps, *, args: argparse.Namespace, runs: int):
     dec = alternate({"diffusers": decode_diffusers, "latentloom": decode_latentloom}, runs=runs)
     return tuple(({k: median(v) for k, v in m.wall.items()}, {k: median(v) for k, v in m.cpu.items()})
                  for m in (enc, dec))
+
+
+# ------------------------------------------------------------------ step caching
+def measure_cache(pair, *, args: argparse.Namespace, s: dict[str, Any], header: str) -> Table:
+    """Full vs shallow (cached-step) UNet forward on latentloom's defaults, and the time per image each
+    cache interval composes from them; ratios against N = 1 (no caching)."""
+    import math
+
+    import torch
+
+    from latentloom.pipelines.denoising import text_conditions
+    from latentloom.pipelines.output import latents_to_output
+    from latentloom.pipelines.runtime import fast_dtype, optimize
+    from latentloom.unet.step_cache import DeepCache
+
+    ours = pair.latentloom
+    ours.to(dtype=fast_dtype(ours.device))
+    optimize(ours)
+    unet, side, f = ours.unet, s["resolution"], ours.vae_scale_factor
+    steps, sampler = ours.defaults.num_inference_steps, ours.defaults.sampler
+    with torch.no_grad():
+        cond, uncond = text_conditions(ours, [args.prompt], [""], guided=True)
+        context = torch.cat([uncond["context"], cond["context"]]).to(unet.dtype)  # (2, L, D): one CFG step
+        g = torch.Generator().manual_seed(args.seed)
+        x = torch.randn(2, ours.latent_channels, side // f, side // f, generator=g).to(unet.dtype)
+        t = torch.tensor(500.0)
+        cache = DeepCache(10**9)  # step 0 full (primes the feature); every later step cached
+
+        def full():
+            with torch.no_grad():
+                return unet(x, t, context)
+
+        def shallow():
+            cache.step_done(0)  # each timed call is step 1 of the run
+            with torch.no_grad():
+                return unet(x, t, context, cache=cache)
+
+        unet(x, t, context, cache=cache)  # primes the cache (and oneDNN's full-path primitives)
+        runs = max(s["measure_steps"], s["runs"], 1)
+        calls = alternate({"full": full, "shallow": shallow}, runs=runs, warmup=1)
+
+        def encode():
+            ours.text_encoder.clear_cache()
+            return text_conditions(ours, [args.prompt], [""], guided=True)
+
+        latents = torch.randn(1, ours.latent_channels, side // f, side // f, generator=g)
+
+        def decode():
+            return latents_to_output(ours, latents, "pil")
+
+        parts = alternate({"encode": encode, "decode": decode}, runs=s["runs"], warmup=1)
+    wall = {k: median(v) for k, v in {**calls.wall, **parts.wall}.items()}
+    cpu = {k: median(v) for k, v in {**calls.cpu, **parts.cpu}.items()}
+
+    def per_image(n: int, times: dict[str, float]) -> tuple[int, int, float, float]:
+        full_calls = math.ceil(steps / n)  # steps 0, n, 2n, ...: one UNet call each (CFG batched)
+        unet_s = full_calls * times["full"] + (steps - full_calls) * times["shallow"]
+        return full_calls, steps - full_calls, unet_s, times["encode"] + unet_s + times["decode"]
+
+    table = Table(
+        title=f"Step caching (DeepCache) on latentloom's defaults ({sampler}, {steps} steps): {header}",
+        header=["cache interval N", "full UNet calls", "shallow calls", "UNet s/image", "s/image",
+                "speed-up vs N=1", "cpu speed-up vs N=1"])
+    base, base_cpu = per_image(1, wall)[3], per_image(1, cpu)[3]
+    for n in [1] + s["cache_intervals"]:
+        full_calls, shallow_calls, unet_s, image = per_image(n, wall)
+        table.add_row([n, full_calls, shallow_calls, unet_s, image, base / image, base_cpu / per_image(n, cpu)[3]])
+    table.notes += [
+        f"{str(unet.dtype).removeprefix('torch.')}, channels_last; UNet batch 2 (prompt + empty negative); measured: "
+        f"full forward {wall['full']:.3f} s, shallow forward {wall['shallow']:.3f} s "
+        f"(shallow / full = {wall['shallow'] / wall['full']:.3f}), text encoding {wall['encode']:.3f} s, VAE decode "
+        f"+ PIL {wall['decode']:.3f} s (medians of {runs} alternated runs for the UNet, {s['runs']} for the rest)",
+        "s/image composed: encode + full calls x full s + shallow calls x shallow s + decode; full calls on steps "
+        "0, N, 2N, ... (ceil(steps / N)); cpu speed-up: the same from process CPU seconds",
+    ]
+    return table

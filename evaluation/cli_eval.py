@@ -2,9 +2,9 @@
 
 Generates several images for each held-out caption (color/shape/position triples never
 seen in training) and scores color, shape, size, position and background with the
-procedural checker. Each setting (guidance scale, CLIP guidance scale) is one column of
-the printed table, so guidance 1 vs the model's default and CLIP guidance on vs off are
-read side by side.
+procedural checker. Each setting (guidance scale, CLIP guidance scale, step-cache interval) is
+one column of the printed table, so guidance 1 vs the model's default, CLIP guidance on vs off
+and step caching on vs off are read side by side.
 
 No torch import at module level: `latentloom --help` must stay fast.
 """
@@ -40,6 +40,9 @@ def register(subparsers) -> None:
                              "image-text model)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--sampler", default=None, help="sampler name (default: the model's)")
+    parser.add_argument("--cache-interval", type=int, nargs="+", default=None, metavar="N",
+                        help="step-caching intervals to compare (DeepCache: the whole UNet every N steps; "
+                             "default: 1, no caching)")
     parser.add_argument("--batch-size", type=int, default=8, help="captions per pipeline call (default: 8)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the full results as JSON")
     parser.set_defaults(func=run)
@@ -80,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
         values = getattr(args, name) or []
         if any(v < 0 for v in values):
             return fail(f"--{name.replace('_', '-')} scales must be >= 0, got {values}")
+    intervals = args.cache_interval or [1]
+    if any(n < 1 for n in intervals):
+        return fail(f"--cache-interval values must be ints >= 1 (1: no caching), got {intervals}")
 
     from latentloom.evaluation.prompt_following import domain_prompts, evaluate
     from latentloom.pipelines.loading import load_pipeline
@@ -100,16 +106,17 @@ def run(args: argparse.Namespace) -> int:
     prompts = domain_prompts(args.captions, seed=args.caption_seed, split=args.split)
     results: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
-    for g, c in settings_grid(guidance=guidance, clip_guidance=clip_guidance):
-        name = f"cfg {g:g}" + (f" clip {c:g}" if c > 0 else "")
+    grid = [(g, c, n) for n in intervals for g, c in settings_grid(guidance=guidance, clip_guidance=clip_guidance)]
+    for g, c, n in grid:
+        name = f"cfg {g:g}" + (f" clip {c:g}" if c > 0 else "") + (f" cache {n}" if n > 1 else "")
         calls = {"n": 0}
 
-        def generate(captions: list[str], k: int, *, g: float = g, c: float = c) -> list:
+        def generate(captions: list[str], k: int, *, g: float = g, c: float = c, n: int = n) -> list:
             # Seeds differ per call so no two captions share noise; fixed per setting so settings compare.
             seed = args.seed + 1000 * calls["n"]
             calls["n"] += 1
             out = pipe(captions, num_images_per_prompt=k, guidance_scale=g, clip_guidance_scale=c, seed=seed,
-                       num_inference_steps=args.steps, sampler=args.sampler, progress=False)
+                       num_inference_steps=args.steps, sampler=args.sampler, progress=False, cache_interval=n)
             return out.images
 
         start = time.perf_counter()

@@ -14,6 +14,7 @@ import torch
 
 from latentloom.samplers import get_sampler
 from latentloom.samplers.schedules import TIMESTEP_SPACINGS, ScheduleConfig
+from latentloom.unet.step_cache import check_cache_interval
 from latentloom.vae.codec import check_tiling
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -184,6 +185,8 @@ class CallArgs:
     # LCM-distilled UNets read the guidance scale through their guidance embedding: one UNet call per
     # step, no classifier-free guidance (diffusers' LCM semantics)
     guidance_embedded: bool = False
+    cache_interval: int = 1  # step caching (DeepCache): the whole UNet every N sampler steps; 1 = exact
+    step_cache: Any = None  # this call's `unet.step_cache.DeepCache`, made with its denoiser when N > 1
 
     @property
     def guidance_mode(self) -> str:
@@ -203,7 +206,7 @@ def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: 
                output_type: Any, seed: Any, generator: Any, vae_tiling: Any = None,
                scheduler_config: Any = None, prompt_2: Any = None, negative_prompt_2: Any = None,
                eta: Any = None, timesteps: Any = None, sigmas: Any = None,
-               timestep_spacing: Any = None) -> CallArgs:
+               timestep_spacing: Any = None, cache_interval: Any = None) -> CallArgs:
     """Check the shared arguments (None = the model's default) before any work is done."""
     d = pipe.defaults
     prompts = check_prompt_list(prompt)
@@ -245,11 +248,12 @@ def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: 
         raise ValueError(f"eta (TCD's gamma) applies to sampler 'tcd', not {sampler!r}")
     if sampler == "tcd":
         eta = check_float(TCD_ETA if eta is None else eta, "eta", low=0.0, high=1.0)
+    cache_interval = check_cache_interval(cache_interval)
     embedded = bool(getattr(pipe.unet.config, "guidance_embedded", False))
     return CallArgs(prompts, negatives, steps, scale, rescale, sampler, karras, per_prompt, output_type,
                     generator, seeds, schedule, vae_tiling, prompts_2, negatives_2, eta=eta,
                     guidance_embedded=embedded, timesteps=None if timesteps is None else custom,
-                    sigmas=None if sigmas is None else custom)
+                    sigmas=None if sigmas is None else custom, cache_interval=cache_interval)
 
 
 def check_custom_schedule(timesteps: Any, sigmas: Any) -> list[float] | None:

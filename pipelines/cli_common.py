@@ -50,6 +50,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sigmas", type=_numbers(float), default=None, metavar="S1,S2,...",
                        help="your own descending noise levels (sets --steps)")
     group.add_argument("--eta", type=float, default=None, help="tcd: its gamma, 0..1 (default 0.3)")
+    group.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                       help="step caching (DeepCache): the whole UNet every N sampler steps, its shallow branch "
+                            "in between; faster, slightly different images (default: 1, exact)")
     group.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: random)")
     group.add_argument("--num-images", type=int, default=1, dest="num_images_per_prompt")
     group.add_argument("--clip-guidance", type=float, default=None, dest="clip_guidance_scale",
@@ -99,7 +102,7 @@ def call_kwargs(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, A
 
 SAMPLING_NAMES = ("negative_prompt", "num_inference_steps", "guidance_scale", "guidance_rescale", "sampler",
                   "karras_sigmas", "seed", "num_images_per_prompt", "clip_guidance_scale", "timestep_spacing",
-                  "timesteps", "sigmas", "eta")
+                  "timesteps", "sigmas", "eta", "cache_interval")
 
 
 def check_output(path: str) -> None:

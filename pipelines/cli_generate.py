@@ -16,7 +16,7 @@ VAE_TILING = {"auto": None, "on": True, "off": False}
 # recipe keys that `--from` passes back to the pipeline call
 _REPLAYED = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "guidance_rescale", "sampler",
              "karras_sigmas", "seed", "clip_guidance_scale", "height", "width", "vae_tiling", "scheduler_config",
-             "eta", "timesteps", "sigmas", *SDXL_NAMES)
+             "eta", "timesteps", "sigmas", "cache_interval", *SDXL_NAMES)
 
 
 def register(subparsers) -> None:

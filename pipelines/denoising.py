@@ -11,10 +11,11 @@ import torch
 from tqdm.auto import tqdm
 
 from latentloom.pipelines.arguments import CallArgs, check_callback
-from latentloom.samplers import get_sampler
+from latentloom.samplers import calls_per_step, get_sampler
 from latentloom.samplers.denoiser import Denoiser
 from latentloom.samplers.guidance import CFGDenoiser
 from latentloom.samplers.schedules import ScheduleConfig
+from latentloom.unet.step_cache import DeepCache
 
 class UNetCall:
     """The UNet as the Denoiser's model: casts inputs to the UNet's dtype and the output back,
@@ -25,9 +26,10 @@ class UNetCall:
     copy of the UNet, with a warning; one made for one call and dropped with it.
     """
 
-    def __init__(self, unet) -> None:
+    def __init__(self, unet, *, cache=None) -> None:
         self.unet = unet
         self.fp32_unet = None
+        self.cache = cache  # step caching's `DeepCache`, or None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         if self.fp32_unet is None:
@@ -41,15 +43,18 @@ class UNetCall:
             warnings.warn(f"the UNet overflowed in {dtype} (non-finite prediction); running this call's "
                           "remaining steps in float32", RuntimeWarning, stacklevel=2)
             self.fp32_unet = copy.deepcopy(self.unet).float()
+            if self.cache is not None:  # the stored feature is low-precision (maybe not finite): remake it
+                self.cache.forget(redo=True)
         out = self._forward(self.fp32_unet, x, t, cond)
         if not torch.isfinite(out).all():
             raise FloatingPointError("the UNet predicted non-finite values even in float32; no image is made")
         return out
 
-    @staticmethod
-    def _forward(unet, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    def _forward(self, unet, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         dtype = next(unet.parameters()).dtype
         cond = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in cond.items()}
+        if self.cache is not None:
+            cond["cache"] = self.cache
         return unet(x.to(dtype), t, **cond).to(x.dtype)
 
 
@@ -89,10 +94,13 @@ def repeat_cond(cond: dict, repeats: int) -> dict:
 
 
 def build_denoiser(pipe, *, cond: dict, uncond: dict | None, guidance_scale: float, guidance_rescale: float,
-                   schedule: ScheduleConfig, extra: dict | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                   schedule: ScheduleConfig, extra: dict | None = None,
+                   cache=None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The guided denoiser (x, sigma) -> x0 for this call, on the call's resolved `schedule`.
-    `extra` holds conditioning shared by both halves (concat channels, class labels)."""
-    denoiser = Denoiser(UNetCall(pipe.unet), pipe.discrete_schedule(schedule), prediction_type=schedule.prediction_type)
+    `extra` holds conditioning shared by both halves (concat channels, class labels); `cache`, a
+    `DeepCache` the UNet calls share (step caching), or None."""
+    model = UNetCall(pipe.unet, cache=cache)
+    denoiser = Denoiser(model, pipe.discrete_schedule(schedule), prediction_type=schedule.prediction_type)
     extra = extra or {}
     if uncond is None:
         return lambda x, sigma: denoiser(x, sigma, **cond, **extra)
@@ -101,15 +109,21 @@ def build_denoiser(pipe, *, cond: dict, uncond: dict | None, guidance_scale: flo
 
 
 def guided_denoiser(pipe, call: CallArgs, *, extra: dict | None = None):
-    """Encode the prompts and build the (CFG-)guided denoiser; `extra` as in `build_denoiser`."""
+    """Encode the prompts and build the (CFG-)guided denoiser; `extra` as in `build_denoiser`. With
+    call.cache_interval > 1 the denoiser's UNet calls share a new `DeepCache`, kept as call.step_cache
+    for `run_sampler` to tell it where each sampler step ends."""
     cond, uncond = text_conditions(pipe, call.prompts, call.negatives, guided=call.guidance_mode == "cfg",
                                    prompts_2=call.prompts_2, negatives_2=call.negatives_2, micro=call.micro)
     cond = repeat_cond(cond, call.per_prompt)
     uncond = repeat_cond(uncond, call.per_prompt) if uncond is not None else None
     if call.guidance_embedded:  # w = scale - 1, diffusers' LCM convention
         cond["guidance"] = torch.full((call.batch,), call.scale - 1.0, device=pipe.device)
+    call.step_cache = None
+    if call.cache_interval > 1:
+        call.step_cache = DeepCache(call.cache_interval, calls_per_step=calls_per_step(call.sampler))
     return build_denoiser(pipe, cond=cond, uncond=uncond, guidance_scale=call.scale,
-                          guidance_rescale=call.rescale, schedule=call.schedule, extra=extra)
+                          guidance_rescale=call.rescale, schedule=call.schedule, extra=extra,
+                          cache=call.step_cache)
 
 
 def call_sigmas(pipe, call: CallArgs) -> torch.Tensor:
@@ -143,7 +157,11 @@ def run_sampler(pipe, call: CallArgs, denoiser, x: torch.Tensor, sigmas: torch.T
     sample = get_sampler(call.sampler)
     bar = tqdm(total=len(sigmas) - 1, desc=f"latentloom {call.sampler}", disable=not progress, leave=False)
 
+    cache = call.step_cache
+
     def on_step(i, sigma, x_i, denoised):
+        if cache is not None:  # step i made its first UNet call: the cache counts sampler steps
+            cache.step_done(i)
         bar.update(1)
         if callback is not None:
             callback(i, sigma, x_i, denoised)

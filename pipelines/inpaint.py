@@ -57,6 +57,7 @@ def inpaint(
     timesteps: list[int] | None = None,
     sigmas: list[float] | None = None,
     timestep_spacing: str | None = None,
+    cache_interval: int | None = None,
     prompt_2: str | list[str] | None = None,
     negative_prompt_2: str | list[str] | None = None,
     original_size: tuple[int, int] | None = None,
@@ -93,7 +94,8 @@ def inpaint(
                       karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
                       output_type=output_type, seed=seed, generator=generator,
                       scheduler_config=scheduler_config, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
-                      eta=eta, timesteps=timesteps, sigmas=sigmas, timestep_spacing=timestep_spacing)
+                      eta=eta, timesteps=timesteps, sigmas=sigmas, timestep_spacing=timestep_spacing,
+                      cache_interval=cache_interval)
     strength = check_strength(strength)
     c = pipe.latent_channels
     channels = check_unet_channels(pipe, expected=(c, 2 * c + 1), task="inpaint")

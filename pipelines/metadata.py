@@ -97,6 +97,8 @@ def call_recipes(pipe, call, *, height: int, width: int, task: str, **fields: An
     }
     if call.eta is not None:
         shared["eta"] = call.eta
+    if call.cache_interval > 1:  # step caching; left out when off, so exact recipes stay as they were
+        shared["cache_interval"] = call.cache_interval
     for key in ("timesteps", "sigmas"):  # a caller's own schedule (num_inference_steps is its length)
         if getattr(call, key) is not None:
             shared[key] = list(getattr(call, key))

@@ -33,6 +33,7 @@ def text_to_image(
     timesteps: list[int] | None = None,
     sigmas: list[float] | None = None,
     timestep_spacing: str | None = None,
+    cache_interval: int | None = None,
     prompt_2: str | list[str] | None = None,
     negative_prompt_2: str | list[str] | None = None,
     original_size: tuple[int, int] | None = None,
@@ -79,14 +80,18 @@ def text_to_image(
     (`original_size`, `crops_coords_top_left`, `target_size`, their `negative_*` twins, and for
     refiners `aesthetic_score` / `negative_aesthetic_score`). `denoising_end=f` stops at the fraction
     f of the schedule and, with `output_type="latent"`, returns the latents a refiner's img2img
-    continues from with `denoising_start=f` (`pipelines.handoff`).
+    continues from with `denoising_start=f` (`pipelines.handoff`). `cache_interval=N` (opt-in step
+    caching, DeepCache): the whole UNet runs every N sampler steps (step 0 first; a Heun step's two
+    calls together) and only its shallow branch in between, on the deep feature of the last full
+    step (`unet.step_cache`); None or 1: every step exact. Recipes record N when it is above 1.
     """
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
                       karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
                       output_type=output_type, seed=seed, generator=generator, vae_tiling=vae_tiling,
                       scheduler_config=scheduler_config, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
-                      eta=eta, timesteps=timesteps, sigmas=sigmas, timestep_spacing=timestep_spacing)
+                      eta=eta, timesteps=timesteps, sigmas=sigmas, timestep_spacing=timestep_spacing,
+                      cache_interval=cache_interval)
     d = pipe.defaults
     height, width = check_size(pipe, d.height if height is None else height, d.width if width is None else width)
     call.micro = parse_micro(pipe, height=height, width=width, values=micro_values(locals()))

@@ -56,6 +56,17 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+# UNet calls per step where a solver makes more than one (its last step may make fewer); step caching
+# (`unet.step_cache`) caches a step's calls together
+CALLS_PER_STEP = {"heun": 2}
+
+
+def calls_per_step(name: str) -> int:
+    """Denoiser calls one step of sampler `name` makes (before its last step)."""
+    get_sampler(name)
+    return CALLS_PER_STEP.get(name, 1)
+
+
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     """The solver registered as `name`; ValueError listing the known names otherwise."""
     try:
@@ -65,7 +76,7 @@ def get_sampler(name: str) -> Callable[..., torch.Tensor]:
 
 
 __all__ = [
-    "SAMPLERS", "get_sampler",
+    "SAMPLERS", "get_sampler", "calls_per_step",
     "ScheduleConfig", "DiscreteSchedule", "make_betas", "rescale_zero_terminal_snr", "make_sigmas",
     "sigmas_and_timesteps", "Denoiser", "CFGDenoiser", "CLIPGuidance", "InpaintBlend",
     "randn", "init_noise_sigma", "initial_latents", "add_noise", "add_noise_at_timestep", "prediction_target",

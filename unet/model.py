@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from latentloom.unet.attention import DEFAULT_QUERY_CHUNK, check_backend, mask_to_bias
 from latentloom.unet.blocks import Downsample, ResBlock, TimestepMLP, Upsample, timestep_embedding
 from latentloom.unet.config import UNetConfig
+from latentloom.unet.step_cache import DeepCache
 from latentloom.unet.transformer import Attention, SpatialTransformer
 
 
@@ -164,6 +165,7 @@ class UNet(nn.Module):
         class_labels: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         guidance: torch.Tensor | float | None = None,
+        cache: DeepCache | None = None,
     ) -> torch.Tensor:
         """x (B, in_ch, H, W), t scalar or (B,), context (B, L, D) -> (B, out_ch, H, W).
 
@@ -171,7 +173,9 @@ class UNet(nn.Module):
         with `vector_conditioning`). guidance: scalar or (B,), the w an LCM-distilled UNet
         (config.time_cond_proj_dim) was distilled at, in diffusers' convention (guidance scale - 1);
         None leaves the embedding out, as diffusers does without `timestep_cond`. Inputs are cast
-        to the weights' dtype; the prediction comes back in x's dtype.
+        to the weights' dtype; the prediction comes back in x's dtype. cache: a `step_cache.DeepCache`
+        (step caching, opt-in): it says whether this call runs the whole network and stores the deep
+        feature, or only the shallow branch on the stored one.
         """
         cfg = self._config
         self._check_inputs(x, context, context_mask, class_labels)
@@ -198,6 +202,17 @@ class UNet(nn.Module):
 
         h = self.conv_in(x)
         skips = [h]
+        # the last up level's ResBlock paired with the first down block's output: the cache point
+        cache_at = len(self.up_blocks[-1].resnets) - 2
+        if cache is not None and not cache.begin_call():
+            first = self.down_blocks[0]  # shallow branch: the first down block only
+            h = self._run(first.resnets[0], h, emb_act)
+            if len(first.attentions):
+                h = self._run(first.attentions[0], h, context, bias)
+            skips.append(h)
+            h = self._up_level(self.up_blocks[-1], cache.load(h), skips, emb_act, context, bias, start=cache_at)
+            return self.conv_out(F.silu(self.conv_norm_out(h))).to(in_dtype)  # (B, out_ch, H, W)
+
         for level in self.down_blocks:
             for j, resnet in enumerate(level.resnets):
                 h = self._run(resnet, h, emb_act)
@@ -213,16 +228,28 @@ class UNet(nn.Module):
         h = self._run(mid.attentions[0], h, context, bias)
         h = self._run(mid.resnets[1], h, emb_act)
 
-        for level in self.up_blocks:
-            for j, resnet in enumerate(level.resnets):
-                h = self._run(resnet, torch.cat([h, skips.pop()], dim=1), emb_act)
-                if len(level.attentions):
-                    h = self._run(level.attentions[j], h, context, bias)
-            for up in level.upsamplers:
-                h = up(h, size=tuple(skips[-1].shape[-2:]))
+        for k, level in enumerate(self.up_blocks):
+            last = k == len(self.up_blocks) - 1
+            h = self._up_level(level, h, skips, emb_act, context, bias, store=cache if last else None,
+                               store_at=cache_at)
 
         h = self.conv_out(F.silu(self.conv_norm_out(h)))
         return h.to(in_dtype)  # (B, out_ch, H, W)
+
+    def _up_level(self, level: Level, h: torch.Tensor, skips: list[torch.Tensor], emb_act: torch.Tensor,
+                  context: torch.Tensor, bias: torch.Tensor | None, *, start: int = 0,
+                  store: DeepCache | None = None, store_at: int = -1) -> torch.Tensor:
+        """One up level from its ResBlock `start` on, popping a skip per ResBlock; `store` keeps the
+        input of ResBlock `store_at` (before its skip is concatenated)."""
+        for j in range(start, len(level.resnets)):
+            if store is not None and j == store_at:
+                store.store(h)
+            h = self._run(level.resnets[j], torch.cat([h, skips.pop()], dim=1), emb_act)
+            if len(level.attentions):
+                h = self._run(level.attentions[j], h, context, bias)
+        for up in level.upsamplers:
+            h = up(h, size=tuple(skips[-1].shape[-2:]))
+        return h
 
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
                       class_labels: torch.Tensor | None) -> None:
