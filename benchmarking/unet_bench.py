@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="sdpa", help="latentloom attention backend")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--profile", action="store_true", help="print both models' top ops (torch.profiler)")
+    parser.add_argument("--roofline", action="store_true",
+                        help="time, GFLOP and achieved/peak throughput per op kind (matmul, conv, attention, "
+                             "norm, ...) for both models, against this CPU's measured GEMM, conv and copy peaks")
     parser.add_argument("--weights-dir", default=None,
                         help="SDXL presets: where the random SDXL folder is written once (default ~/.cache/latentloom/bench)")
 
@@ -68,6 +71,13 @@ def check_args(args: argparse.Namespace) -> None:
     if args.preset in SEPARATE and (args.compile or args.profile or args.device != "cpu"):
         raise ValueError(f"--preset {args.preset} runs each library in its own process on the CPU: "
                          "--compile, --profile and --device are not supported with it")
+    bad = [name for name, on in (("--compile", args.compile), ("--profile", args.profile),
+                                 (f"--device {args.device}", args.device != "cpu"),
+                                 (f"--preset {args.preset}", args.preset in SEPARATE)) if on]
+    if args.roofline and bad:
+        together = [p for p in PRESETS if p not in SEPARATE]
+        raise ValueError(f"--roofline profiles eager aten ops on the CPU in one process: {', '.join(bad)} is not "
+                         f"accepted with it (it takes --device cpu and --preset {'/'.join(together)})")
 
 
 def build_models(preset: str, backend: str):
@@ -118,6 +128,10 @@ def run(args: argparse.Namespace) -> list[Table]:
     x32 = torch.randn(args.batch, cfg.in_channels, args.size, args.size, generator=g)  # (B, C, h, w)
     c32 = torch.randn(args.batch, 77, cfg.context_dim, generator=g)  # (B, 77, D)
     t = torch.full((args.batch,), 500.0, device=device)
+    if args.roofline:
+        from latentloom.benchmarking import unet_roofline
+
+        return unet_roofline.run(args, ref, ours, cfg, x32, c32, t, {m: MODES[m] for m in modes}, runs)
 
     extra = ["diffusers first call s", "latentloom first call s"] if args.compile else []
     table = Table(

@@ -78,6 +78,58 @@ def test_bench_unet_tiny_table_and_json(tmp_path, capsys):
     assert "| mode | diffusers s | latentloom s | ratio |" in out
 
 
+def test_bench_unet_roofline_tiny_kinds_flops_and_shares(tmp_path, capsys):
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    from latentloom.benchmarking import unet_bench, unet_roofline
+
+    out, data = bench(["unet", "--roofline", "--preset", "tiny", "--runs", "1", "--size", "16", "--modes", "fp32"],
+                      tmp_path, capsys)
+    kinds_table, peaks_table = data["tables"]
+    assert kinds_table["header"] == unet_roofline.HEADER and "| op kind | library | ms | share % |" in out
+    assert {row[1] for row in peaks_table["rows"]} >= {"matmul GEMM 2048^3", "copy 256 MiB"}
+    assert all(positive(row[2]) for row in peaks_table["rows"])
+    # the FLOPs of the same shapes, counted here: FlopCounterMode plus torch's own SDPA formula for the
+    # CPU flash kernel it does not count
+    ref, ours, cfg = unet_bench.build_models("tiny", "sdpa")
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(2, cfg.in_channels, 16, 16, generator=g), torch.randn(2, 77, cfg.context_dim, generator=g)
+    cpu_flash = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                 lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+    for library, fn in (("latentloom", lambda: ours(x, torch.full((2,), 500.0), c)),
+                        ("diffusers", lambda: ref(x, torch.full((2,), 500.0), c).sample)):
+        rows = {row[0]: row for row in kinds_table["rows"] if row[1] == library}
+        total = rows.pop("total")
+        assert {"matmul/linear", "conv", "attention", "norm", "elementwise", "upsample", "copy/layout"} <= set(rows)
+        assert sum(row[3] for row in rows.values()) == pytest.approx(100, abs=0.5)  # shares of the forward
+        assert sum(row[2] for row in rows.values()) == pytest.approx(total[2], rel=1e-3)  # ms add up
+        for kind in ("matmul/linear", "conv", "attention"):  # compute kinds: FLOPs, speed and a fraction of peak
+            assert all(positive(v) for v in rows[kind][4:9]), rows[kind]
+        for kind in ("norm", "elementwise", "copy/layout"):  # memory kinds: no FLOPs, bytes against bandwidth
+            assert rows[kind][4] == 0 and positive(rows[kind][7]) and rows[kind][9].startswith("copy"), rows[kind]
+        with torch.no_grad(), FlopCounterMode(display=False) as plain:
+            fn()
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_flash) as full:
+            fn()
+        assert total[4] * 1e9 == pytest.approx(full.get_total_flops(), rel=1e-9)
+        assert sum(row[4] for k, row in rows.items() if k != "attention") * 1e9 == pytest.approx(
+            plain.get_total_flops(), rel=1e-9)
+
+
+def test_roofline_op_kinds_read_profiler_and_dispatcher_names():
+    from latentloom.benchmarking.unet_roofline import op_kind
+
+    for names, kind in ((("aten::addmm", "aten::mm.default", "aten.bmm.default"), "matmul/linear"),
+                        (("aten::mkldnn_convolution", "aten.convolution.default"), "conv"),
+                        (("aten::_scaled_dot_product_flash_attention_for_cpu",), "attention"),
+                        (("aten::native_group_norm", "aten::native_layer_norm.default"), "norm"),
+                        (("aten::silu", "aten::add_.Tensor", "aten.mul.Tensor"), "elementwise"),
+                        (("aten::upsample_nearest2d",), "upsample"),
+                        (("aten::copy_", "aten.cat.default", "aten::contiguous"), "copy/layout"),
+                        (("aten::arange", "prim::something"), "other ops")):
+        assert [op_kind(n) for n in names] == [kind] * len(names)
+
+
 def test_bench_pipeline_tiny_same_settings_and_composed_defaults(tmp_path, capsys):
     out, data = bench(["pipeline", "--preset", "tiny", "--runs", "1", "--modes", "fp32", "--steps", "3",
                        "--measure-steps", "2"], tmp_path, capsys)
@@ -118,6 +170,8 @@ BAD_ARGS = [
     (["unet", "--device", "tpu"], "tpu"),
     (["unet", "--threads", "-1"], "--threads"),
     (["unet", "--json", "/no/such/folder/t.json"], "/no/such/folder"),
+    (["unet", "--roofline", "--compile"], "--compile"),
+    (["unet", "--roofline", "--preset", "sdxl-tiny"], "sdxl-tiny"),
     (["pipeline", "--preset", "huge"], "huge"),
     (["pipeline", "--resolution", "100"], "100"),
     (["pipeline", "--modes", "bf16-cl,bf16-cl"], "distinct"),
