@@ -30,7 +30,8 @@ def register(subparsers) -> None:
     parser.add_argument("prompt", nargs="*", default=[],
                         help="what to draw; several prompts make one image each (NAME-0.png, NAME-1.png, ...)")
     parser.add_argument("--from", dest="from_image", default=None, metavar="IMAGE.png",
-                        help="re-create an image from the recipe in its PNG metadata")
+                        help="re-create an image from the recipe in its PNG metadata (an AUTOMATIC1111 / Forge PNG: "
+                             "the settings of its infotext; give --model)")
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="a file of prompts: plain text, one per line (blank lines and # comments skipped), or "
                              ".jsonl with \"prompt\" and per-line negative_prompt, seed, num_inference_steps, "
@@ -94,11 +95,22 @@ def run(args: argparse.Namespace) -> int:
             return fail(f"{args.from_image} was made by {recipe['task']}, not generate; use that command")
         if recipe.get("seed") is None:
             return fail(f"{args.from_image} was made with a caller's generator, so its seed is unknown")
+        # a recipe read from an infotext (an A1111 / Forge PNG, or ours without its JSON chunk)
+        from_infotext = "a1111_infotext" in recipe
+        if from_infotext and recipe.get("sampler") is None and recipe.get("a1111_sampler") and "sampler" not in kwargs:
+            from latentloom.samplers import SAMPLERS
+
+            return fail(f"{args.from_image} was made with sampler {recipe['a1111_sampler']!r}, which latentloom "
+                        f"does not have; pass --sampler, one of {sorted(SAMPLERS)}")
+        if from_infotext and args.model is None and not recipe.get("latentloom_version"):
+            return fail(f"{args.from_image} was made by AUTOMATIC1111 with model {recipe.get('model')!r} (hash "
+                        f"{recipe.get('model_hash')!r}), which latentloom cannot find by name; pass --model with "
+                        "that checkpoint's file or folder")
         replay = {k: recipe[k] for k in _REPLAYED if recipe.get(k) is not None}
         if "sampler" in kwargs and kwargs["sampler"] != recipe.get("sampler"):
             # the recorded scheduler settings were resolved for the recipe's sampler; another takes its own
             replay.pop("scheduler_config", None)
-        elif "scheduler_config" not in replay:
+        elif "scheduler_config" not in replay and not from_infotext:
             # made before recipes recorded them: replay latentloom's old fill-ins (set once the model loads)
             legacy_schedule = True
         kwargs = {**replay, **{k: v for k, v in kwargs.items() if k != "num_images_per_prompt"}}

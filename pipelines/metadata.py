@@ -2,8 +2,10 @@
 
 Each PNG latentloom writes carries one tEXt chunk, key ``latentloom``, holding a JSON
 object (prompt, negative prompt, seed, steps, sampler, guidance, size, model name and
-weights hash, dtype, latentloom version). A second chunk, ``parameters``, holds the
-same in the one-line style other tools display, for humans.
+weights hash, dtype, latentloom version): the source of truth for `generate --from`. A
+second chunk, ``parameters``, holds the same as AUTOMATIC1111's infotext (`infotext.py`),
+which A1111, Civitai and metadata readers display; a PNG that carries only that chunk (made
+by A1111 or Forge) is read from it.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from latentloom.file_io import write_atomic
+from latentloom.pipelines.infotext import infotext, parse_infotext
 
 METADATA_KEY = "latentloom"
+INFOTEXT_KEY = "parameters"  # A1111's chunk
 
 # Fields every recipe carries; `generate --from` needs them to re-create an image.
 RECIPE_FIELDS = (
@@ -26,20 +30,8 @@ RECIPE_FIELDS = (
 
 
 def human_readable(recipe: dict[str, Any]) -> str:
-    """One-paragraph summary in the style of other Stable Diffusion tools."""
-    lines = [str(recipe.get("prompt", ""))]
-    if recipe.get("negative_prompt"):
-        lines.append(f"Negative prompt: {recipe['negative_prompt']}")
-    keys = [("Steps", "num_inference_steps"), ("Sampler", "sampler"), ("CFG scale", "guidance_scale"),
-            ("Seed", "seed"), ("Size", None), ("Model", "model"), ("Model hash", "model_hash")]
-    parts = []
-    for label, key in keys:
-        if key is None:
-            parts.append(f"Size: {recipe.get('width')}x{recipe.get('height')}")
-        elif recipe.get(key) is not None:
-            parts.append(f"{label}: {recipe[key]}")
-    lines.append(", ".join(parts))
-    return "\n".join(lines)
+    """The recipe as AUTOMATIC1111's infotext (prompt, `Negative prompt: ...`, `Steps: 20, Sampler: ...`)."""
+    return infotext(recipe)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, recipe: dict[str, Any]) -> Path:
@@ -47,7 +39,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, recipe: dict[str, Any]
     path = Path(path)
     info = PngImagePlugin.PngInfo()
     info.add_text(METADATA_KEY, json.dumps(recipe, sort_keys=True, ensure_ascii=False))
-    info.add_text("parameters", human_readable(recipe))
+    info.add_text(INFOTEXT_KEY, human_readable(recipe))
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
@@ -58,10 +50,12 @@ def save_png(image: Image.Image, path: str | os.PathLike, recipe: dict[str, Any]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Return the recipe stored in a PNG written by latentloom.
+    """Return the recipe stored in a PNG written by latentloom, or read from the infotext of a PNG
+    written by AUTOMATIC1111 or Forge (`infotext.parse_infotext`: its unknown settings are kept under
+    `a1111_extra` and reported in a warning).
 
-    Raises FileNotFoundError for a missing file and ValueError for a file that is not a
-    PNG or carries no latentloom recipe.
+    Raises FileNotFoundError for a missing file and ValueError for a file that is not a PNG, carries
+    neither a latentloom recipe nor an infotext, or whose infotext names no steps.
     """
     path = Path(path)
     if not path.is_file():
@@ -72,8 +66,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             text = dict(getattr(image, "text", {}) or {})
     except Exception as err:  # PIL raises several types for non-images
         raise ValueError(f"{path} is not an image PIL can read: {err}") from err
-    if fmt != "PNG" or METADATA_KEY not in text:
-        raise ValueError(f"{path} carries no latentloom metadata (expected a PNG written by latentloom)")
+    if fmt != "PNG" or (METADATA_KEY not in text and INFOTEXT_KEY not in text):
+        raise ValueError(f"{path} carries no latentloom metadata (expected a PNG written by latentloom, or by "
+                         f"AUTOMATIC1111 with its {INFOTEXT_KEY!r} text)")
+    if METADATA_KEY not in text:
+        try:
+            return parse_infotext(text[INFOTEXT_KEY])
+        except ValueError as err:
+            raise ValueError(f"{path}: its {INFOTEXT_KEY!r} text is no A1111 infotext: {err}") from err
     try:
         recipe = json.loads(text[METADATA_KEY])
     except json.JSONDecodeError as err:

@@ -53,6 +53,8 @@ def test_png_metadata_round_trip_and_recreate(pipe, tmp_path):
         assert key in recipe, key
     assert recipe["prompt"] == "a blue square" and recipe["seed"] == 11 and recipe["negative_prompt"] == "blurry"
     assert len(recipe["model_hash"]) == 10
+    # the human-readable chunk is AUTOMATIC1111's infotext (tests/test_a1111_infotext.py has the format)
+    assert Image.open(path).text["parameters"].startswith("a blue square\nNegative prompt: blurry\nSteps: 3, Sampler: ")
     again = pipe(recipe["prompt"], negative_prompt=recipe["negative_prompt"], seed=recipe["seed"],
                  num_inference_steps=recipe["num_inference_steps"], guidance_scale=recipe["guidance_scale"],
                  sampler=recipe["sampler"], height=recipe["height"], width=recipe["width"], progress=False)
