@@ -25,6 +25,7 @@ _SUBCOMMANDS: list[str] = [
     "latentloom.training.cli_train:register",
     "latentloom.evaluation.cli_eval:register",
     "latentloom.benchmarking.cli_bench:register",
+    "latentloom.serve.cli_serve:register",
 ]
 
 

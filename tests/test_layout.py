@@ -18,6 +18,7 @@ FLOORS = {
     "data": {"synthetic"},
     "pipelines": {"pipelines"},
     "training": {"training"},
+    "serve": {"serve"},
     "measuring": {"evaluation", "benchmarking"},
     "entry points": {"cli", "__main__", "__init__"},
 }
@@ -27,7 +28,8 @@ MAY_IMPORT = {
     "data": {"model parts", "data"},
     "pipelines": {"model parts", "samplers", "pipelines"},
     "training": {"model parts", "samplers", "data", "pipelines", "training"},
-    "measuring": set(FLOORS) - {"entry points"},
+    "serve": {"model parts", "samplers", "pipelines", "serve"},
+    "measuring": set(FLOORS) - {"entry points", "serve"},
     "entry points": {"entry points"},  # the CLI and the package root reach the rest by name, lazily
 }
 FLOOR_OF = {part: floor for floor, parts in FLOORS.items() for part in parts}
@@ -121,4 +123,11 @@ def test_no_private_name_crosses_a_folder():
 def test_nothing_imports_the_measuring_floor():
     users = [f"{path} imports {module}" for (source, target), where in folder_edges().items()
              if FLOOR_OF[target] == "measuring" and FLOOR_OF[source] != "measuring" for path, module, _ in where]
+    assert users == []
+
+
+def test_nothing_imports_serve():
+    users = [f"{path} imports {module}" for (source, target), where in folder_edges().items()
+             if FLOOR_OF[target] == "serve" and FLOOR_OF[source] not in ("serve", "entry points")
+             for path, module, _ in where]
     assert users == []
