@@ -140,7 +140,7 @@ def create_app(settings: ServeSettings, *, loader=None, preload: bool = True) ->
     _page_routes(app, server)
     _latentloom_routes(app, server)
     app.add_middleware(Guard, host=settings.host, port=settings.port, auth=settings.api_auth,
-                       max_body=settings.limits.max_body_bytes)
+                       max_body=settings.limits.max_body_bytes, origins=list(settings.cors_allow_origins))
     if settings.cors_allow_origins:
         from starlette.middleware.cors import CORSMiddleware
 

@@ -1,5 +1,5 @@
-"""The server's guard, in front of every route (page and API): the Host check against DNS rebinding, HTTP Basic
-auth when --api-auth is set, and the request body limit. CORS headers come only from Starlette's CORSMiddleware,
+"""The server's guard, in front of every route (page and API): the Host check against DNS rebinding, the
+Origin check against cross-site requests, HTTP Basic auth when --api-auth is set, and the request body limit. CORS headers come only from Starlette's CORSMiddleware,
 added when --cors-allow-origins names origins."""
 from __future__ import annotations
 
@@ -66,21 +66,24 @@ def _json(status: int, error: str, detail: str, headers: list[tuple[bytes, bytes
 
 
 class Guard:
-    """ASGI middleware: Host check, Basic auth, body size limit (checked in this order)."""
+    """ASGI middleware: Host check, Origin check, Basic auth, body size limit (checked in this order)."""
 
-    def __init__(self, app, *, host: str, port: int, auth: tuple[str, str] | None, max_body: int) -> None:
+    def __init__(self, app, *, host: str, port: int, auth: tuple[str, str] | None, max_body: int,
+                 origins: list[str] = ()) -> None:
         self.app = app
         self.names = allowed_names(host)
         self.port = port
         self.auth = auth
         self.max_body = max_body
+        self.origins = {o.rstrip("/").lower() for o in origins}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        refusal = self._check_host(headers.get(b"host", b"").decode("latin-1")) or self._check_auth(
-            headers.get(b"authorization", b"").decode("latin-1"))
+        refusal = (self._check_host(headers.get(b"host", b"").decode("latin-1"))
+                   or self._check_origin(scope.get("method", ""), headers.get(b"origin"))
+                   or self._check_auth(headers.get(b"authorization", b"").decode("latin-1")))
         if refusal is None:
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
@@ -105,6 +108,23 @@ class Guard:
         return _json(400, "bad host", f"Host header {value!r} is not this server's address; accepted: {accepted} "
                      "or an IP address (other names are refused against DNS rebinding; start the server with "
                      "--host NAME to serve under that name)")
+
+    def _check_origin(self, method: str, origin: bytes | None):
+        """A request that changes something (POST, PUT, PATCH, DELETE) sent by a page of another origin is
+        refused: browsers send such "simple" requests (e.g. text/plain bodies) without a CORS preflight, so
+        the missing CORS headers alone would not stop a foreign page from driving this server (CSRF).
+        Browsers name the page's origin in the Origin header; clients such as webuiapi send none."""
+        if origin is None or method in ("GET", "HEAD", "OPTIONS"):
+            return None
+        value = origin.decode("latin-1").rstrip("/").lower()
+        if value in self.origins:
+            return None
+        scheme, sep, rest = value.partition("://")
+        if sep and scheme in ("http", "https") and self._check_host(rest) is None:
+            return None
+        allowed = sorted(self.origins) or ["this server's own pages"]
+        return _json(403, "foreign origin", f"Origin {value!r} may not send {method} requests here; accepted: "
+                     f"{', '.join(allowed)} (--cors-allow-origins names more)")
 
     def _check_auth(self, value: str):
         if self.auth is None:

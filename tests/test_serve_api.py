@@ -461,3 +461,18 @@ def test_cli_serve_starts_on_the_bundled_model(tmp_path, capsys):
         process.wait(timeout=20)
     with capsys.disabled():
         print(f"\n[serve start] launch to first txt2img image: {seconds:.2f} s")
+
+
+def test_a_foreign_page_cannot_post_even_a_simple_request(server):
+    """CSRF: a page elsewhere can send a text/plain POST without a preflight; the Origin check refuses it,
+    while the server's own page and the allowed origin pass."""
+    body = json.dumps({"sd_model_checkpoint": "bundled:default"})
+    for origin in ("http://evil.example", "null", "http://localhost:1"):
+        response = requests.post(server.url + "/sdapi/v1/options", data=body, timeout=10,
+                                 headers={"Content-Type": "text/plain", "Origin": origin})
+        assert response.status_code == 403 and origin.lower() in response.json()["detail"], origin
+    own = f"http://127.0.0.1:{server.port}"
+    for origin in (own, ALLOWED_ORIGIN):
+        response = requests.post(server.url + "/sdapi/v1/options", json={"sd_model_checkpoint": "bundled:default"},
+                                 headers={"Origin": origin}, timeout=10)
+        assert response.status_code == 200, (origin, response.text)
