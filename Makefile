@@ -34,12 +34,13 @@ $(VENV)/.torch: | $(PY)
 	$(PIP) install --quiet $(PIP_TORCH_FLAGS) '$(TORCH)'
 	touch $@
 
+# [control]: OpenCV for `latentloom preprocess canny` (an optional extra for pip users; make installs it)
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(PIP) install --quiet -e .
+	$(PIP) install --quiet -e '.[control]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,control]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -21,6 +21,7 @@ _SUBCOMMANDS: list[str] = [
     "latentloom.pipelines.cli_edit:register_img2img",
     "latentloom.pipelines.cli_edit:register_inpaint",
     "latentloom.pipelines.cli_edit:register_upscale",
+    "latentloom.pipelines.cli_preprocess:register",
     "latentloom.training.cli_data:register",
     "latentloom.training.cli_train:register",
     "latentloom.evaluation.cli_eval:register",

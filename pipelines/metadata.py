@@ -39,7 +39,9 @@ def save_png(image: Image.Image, path: str | os.PathLike, recipe: dict[str, Any]
     path = Path(path)
     info = PngImagePlugin.PngInfo()
     info.add_text(METADATA_KEY, json.dumps(recipe, sort_keys=True, ensure_ascii=False))
-    info.add_text(INFOTEXT_KEY, human_readable(recipe))
+    text = human_readable(recipe)
+    if text:  # a recipe that is no generation (a preprocessed control map) has no A1111 infotext
+        info.add_text(INFOTEXT_KEY, text)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:

@@ -26,6 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="image side in pixels, a multiple of 64 in [64, 1024] (default 64); the same seed "
         "gives the same scenes and captions at every size",
     )
+    p.add_argument(
+        "--control-maps", action="store_true",
+        help="also write a ControlNet control map per image: the shapes' silhouettes in white on black, "
+        "in conditioning/NAME.png, named by each row's conditioning_file_name (diffusers' train_controlnet layout)",
+    )
     p.set_defaults(func=_make_shapes)
 
 
@@ -34,10 +39,14 @@ def _make_shapes(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
-        out = write_dataset(args.out, args.n, seed=args.seed, split=args.split, size=args.size)
+        out = write_dataset(args.out, args.n, seed=args.seed, split=args.split, size=args.size,
+                            control_maps=args.control_maps)
     except (ValueError, FileExistsError) as e:
         print(f"latentloom make-shapes: error: {e}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
-    print(f"wrote {args.n} {args.split} images ({args.size}x{args.size}) to {out} in {seconds:.1f} s ({args.n / max(seconds, 1e-9):.0f} images/s)")
+    maps = " with control maps" if args.control_maps else ""
+    rate = args.n / max(seconds, 1e-9)
+    print(f"wrote {args.n} {args.split} images ({args.size}x{args.size}){maps} to {out} in {seconds:.1f} s "
+          f"({rate:.0f} images/s)")
     return 0

@@ -14,6 +14,11 @@ left-right with probability 1/2. Augmentation draws come from a per-item stream 
 (seed, epoch, index, how often this process has read the item), so a run with
 ``num_workers=0`` (or one that calls ``set_epoch``) is reproducible.
 
+ControlNet data (``conditioning=True``): each ``metadata.jsonl`` row also names a control map in
+``conditioning_file_name`` (diffusers' train_controlnet.py layout; ``latentloom make-shapes
+--control-maps`` writes one). The map must have its image's size, and gets the image's resize,
+crop and flip, so the two stay aligned pixel for pixel.
+
 ``LatentCache`` encodes every item once and serves the stored latents and text embeddings
 afterwards. Random crops cannot be cached (there are too many), so a cache refuses
 ``crop="random"``; random flips are cached honestly by encoding both the image and its
@@ -40,6 +45,7 @@ from latentloom.text_encoders.embedding import TextEmbedding
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CROPS = ("center", "random")
 METADATA_FILE = "metadata.jsonl"
+CONDITIONING_KEY = "conditioning_file_name"  # diffusers' train_controlnet.py column
 CACHE_FORMAT = "latentloom-latent-cache-2"  # 2: each latent's micro-conditioning
 
 
@@ -50,7 +56,8 @@ def _check_resolution(resolution: object) -> int:
     return resolution
 
 
-def _read_metadata(root: Path) -> list[tuple[Path, str]]:
+def _read_metadata(root: Path, *, conditioning: bool = False) -> list[tuple[Path, str, Path | None]]:
+    """(image, caption, control map or None) per row; the maps are checked only when `conditioning`."""
     items = []
     path = root / METADATA_FILE
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -68,7 +75,14 @@ def _read_metadata(root: Path) -> list[tuple[Path, str]]:
         file = root / row["file_name"]
         if not file.is_file():
             raise ValueError(f"{path}: line {lineno} names {row['file_name']!r}, which is not a file under {root}")
-        items.append((file, row["text"]))
+        name = row.get(CONDITIONING_KEY)
+        if conditioning and not isinstance(name, str):
+            raise ValueError(f"{path}: line {lineno} needs a string {CONDITIONING_KEY!r} (the control map's path "
+                             f"under {root}) for conditioning=True, got {name!r}")
+        control = root / name if isinstance(name, str) else None
+        if conditioning and not control.is_file():
+            raise ValueError(f"{path}: line {lineno} names control map {name!r}, which is not a file under {root}")
+        items.append((file, row["text"], control))
     return items
 
 
@@ -81,7 +95,9 @@ def _find_images(root: Path) -> list[Path]:
 
 
 class CaptionedImageDataset(torch.utils.data.Dataset):
-    """A folder of captioned images. Items: ``{"pixel_values": (3, R, R) float in [-1, 1], "caption": str}``."""
+    """A folder of captioned images. Items: ``{"pixel_values": (3, R, R) float in [-1, 1], "caption": str,
+    "micro": (4,)}``; with ``conditioning=True`` also ``"conditioning_pixel_values": (3, R, R) float in [0, 1]``
+    (the control map, in [0, 1] as diffusers' train_controlnet.py feeds it to a ControlNet)."""
 
     def __init__(
         self,
@@ -91,6 +107,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         crop: str = "center",
         random_flip: bool = False,
         seed: int | None = None,
+        conditioning: bool = False,
     ) -> None:
         self.root = Path(root)
         self.resolution = _check_resolution(resolution)
@@ -99,9 +116,11 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         self.crop, self.random_flip = crop, bool(random_flip)
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset folder {str(self.root)!r} does not exist (or is not a folder)")
+        self.conditioning = bool(conditioning)
         if (self.root / METADATA_FILE).is_file():
-            items = _read_metadata(self.root)
-            listed = {f.resolve() for f, _ in items}
+            items = _read_metadata(self.root, conditioning=self.conditioning)
+            # control maps are images too, but listed ones are not "left out"
+            listed = {f.resolve() for f, _, _ in items} | {c.resolve() for _, _, c in items if c is not None}
             unlisted = [p for p in _find_images(self.root) if p.resolve() not in listed]
             if unlisted:
                 warnings.warn(
@@ -109,6 +128,11 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
                     f"(first: {unlisted[0].relative_to(self.root)})",
                     stacklevel=2,
                 )
+        elif self.conditioning:
+            raise ValueError(
+                f"conditioning=True needs a {METADATA_FILE} in {str(self.root)!r} whose rows name each image's "
+                f"control map in {CONDITIONING_KEY!r} (a folder of images with .txt captions has no maps)"
+            )
         else:
             items = []
             for image in _find_images(self.root):
@@ -118,14 +142,15 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
                         f"image {str(image.relative_to(self.root))!r} has no caption: expected "
                         f"{str(txt.relative_to(self.root))!r} next to it (or a {METADATA_FILE})"
                     )
-                items.append((image, txt.read_text(encoding="utf-8").strip()))
+                items.append((image, txt.read_text(encoding="utf-8").strip(), None))
         if not items:
             raise ValueError(
                 f"no images in {str(self.root)!r}: expected files ending in {', '.join(IMAGE_EXTENSIONS)} "
                 f"with captions (.txt of the same name, or {METADATA_FILE})"
             )
-        self.files = [f for f, _ in items]
-        self.captions = [c for _, c in items]
+        self.files = [f for f, _, _ in items]
+        self.captions = [c for _, c, _ in items]
+        self.conditioning_files = [m for _, _, m in items] if self.conditioning else None
         self.seed = seed
         # Without a seed, augmentation is random per instance (but still one stream per item).
         self._salt = seed if seed is not None else random.SystemRandom().getrandbits(63)
@@ -195,9 +220,30 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         """`pixel_values` with SDXL's micro-conditioning of the item: its original (height, width), and
         the crop's (top, left) in the resized image, mirrored with the image (diffusers' SDXL training
         flips the resized image before cropping, which is the same crop seen from the other side)."""
+        pixels, original_size, crop_top_left, _ = self._prepare(index, flip=flip, rng=rng, conditioning=False)
+        return pixels, original_size, crop_top_left
+
+    def _prepare(self, index: int, *, flip: bool, rng: random.Random | None,
+                 conditioning: bool) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int], torch.Tensor | None]:
+        """`prepare`, plus the control map under the very same resize, crop and flip when `conditioning`."""
         image = self.load_image(index)
-        r = self.resolution
         w, h = image.size
+        resized, (left, top) = self._layout(index, image.size, rng)
+        pixels = _to_tensor(self._transform(image, resized, (left, top), flip)).div_(127.5).sub_(1.0)  # (3, R, R)
+        control = None
+        if conditioning:
+            control_image = self.load_conditioning(index, size=image.size)
+            control = _to_tensor(self._transform(control_image, resized, (left, top), flip)).div_(255.0)  # (3, R, R)
+        if flip:
+            left = resized[0] - self.resolution - left
+        return pixels, (h, w), (top, left), control
+
+    def _layout(self, index: int, size: tuple[int, int],
+                rng: random.Random | None) -> tuple[tuple[int, int], tuple[int, int]]:
+        """For item `index` of `size` (w, h): its resized (w, h), shorter side R, and the crop's (left, top),
+        drawn from `rng` for random crops (so an image and its map take the same draws)."""
+        r = self.resolution
+        w, h = size
         if min(w, h) < r:
             self._warn_once(
                 "upscale", f"{self.files[index].name} is {w}x{h}, smaller than resolution {r}: upscaled "
@@ -205,26 +251,73 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             )
         scale = r / min(w, h)
         new_w, new_h = max(r, round(w * scale)), max(r, round(h * scale))
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=None)
         if self.crop == "random" and rng is not None:
             left, top = rng.randint(0, new_w - r), rng.randint(0, new_h - r)
         else:
             left, top = (new_w - r) // 2, (new_h - r) // 2
+        return (new_w, new_h), (left, top)
+
+    def _transform(self, image: Image.Image, resized: tuple[int, int], corner: tuple[int, int],
+                   flip: bool) -> Image.Image:
+        r = self.resolution
+        if resized != image.size:
+            image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=None)
+        left, top = corner
         image = image.crop((left, top, left + r, top + r))
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            left = new_w - r - left
-        array = np.asarray(image, dtype=np.uint8)  # (R, R, 3)
-        pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, R, R)
-        return pixels, (h, w), (top, left)
+        return image
+
+    def load_conditioning(self, index: int, *, size: tuple[int, int] | None = None) -> Image.Image:
+        """Item `index`'s control map as RGB at its own size, which must be its image's (w, h) `size`
+        (read from the image file when not given): a map is never resized to fit."""
+        from latentloom.pipelines.control_maps import load_control_image
+
+        if self.conditioning_files is None:
+            raise ValueError(f"this dataset was made without conditioning=True; it reads no control maps "
+                             f"(from {METADATA_FILE}'s {CONDITIONING_KEY!r})")
+        path = self.conditioning_files[index]
+        control = load_control_image(path)
+        size = self._image_size(index) if size is None else size
+        if control.size != size:
+            raise ValueError(
+                f"control map {str(path)!r} is {control.width}x{control.height}, but its image "
+                f"{str(self.files[index])!r} is {size[0]}x{size[1]}; make the map at the image's size"
+            )
+        return control
+
+    def conditioning_values(self, index: int, *, flip: bool = False,
+                            rng: random.Random | None = None) -> torch.Tensor:
+        """Item `index`'s control map prepared as `pixel_values(index, flip=flip, rng=rng)` prepares its
+        image (the same crop for an `rng` in the same state): (3, R, R) float in [0, 1]."""
+        size = self._image_size(index)
+        resized, corner = self._layout(index, size, rng)
+        control = self._transform(self.load_conditioning(index, size=size), resized, corner, flip)
+        return _to_tensor(control).div_(255.0)  # (3, R, R)
+
+    def _image_size(self, index: int) -> tuple[int, int]:
+        """The (w, h) `load_image` gives, from the file's header (EXIF rotations swap the sides)."""
+        path = self.files[index]
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                orientation = im.getexif().get(0x0112)  # EXIF Orientation
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
+        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # 5-8: rotated by 90 or 270 degrees
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = self.rng(index)
         # The flip is the stream's first draw, so a LatentCache makes the same choice.
         flip = self.random_flip and rng.random() < 0.5
-        pixels, original_size, crop_top_left = self.prepare(index, flip=flip, rng=rng)
-        return {"pixel_values": pixels, "caption": self.captions[index], "micro": _micro(original_size, crop_top_left)}
+        pixels, original_size, crop_top_left, control = self._prepare(
+            index, flip=flip, rng=rng, conditioning=self.conditioning
+        )
+        item = {"pixel_values": pixels, "caption": self.captions[index],
+                "micro": _micro(original_size, crop_top_left)}
+        if control is not None:
+            item["conditioning_pixel_values"] = control
+        return item
 
     def fingerprint(self) -> str:
         """Identifies the data and preprocessing (files, sizes, mtimes, captions, resolution, crop, flip)."""
@@ -234,6 +327,11 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             st = f.stat()
             h.update(json.dumps([str(f.relative_to(self.root)), st.st_size, st.st_mtime_ns, c]).encode())
         return h.hexdigest()
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as (3, H, W) float32 in 0..255."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()
 
 
 def _micro(original_size: tuple[int, int], crop_top_left: tuple[int, int]) -> torch.Tensor:
@@ -270,7 +368,8 @@ class LatentCache(torch.utils.data.Dataset):
         encoders is not reused.
 
     Items: ``{"latents": (C, h, w), "hidden": (L, D), "mask": (L,), "pooled": (D',) or None,
-    "micro": (4,) original size and crop, "caption": str}``, on the CPU (`UNetTask.collate` batches them). Items are encoded on
+    "micro": (4,) original size and crop, "caption": str}``, plus the dataset's "conditioning_pixel_values"
+    when it has them, on the CPU (`UNetTask.collate` batches them). Items are encoded on
     first use, or all at once, in batches, by `fill()`; with DataLoader workers, call
     `fill()` first (a worker's copy of the cache would be lost with the worker).
     """
@@ -377,7 +476,11 @@ class LatentCache(torch.utils.data.Dataset):
         if missing:
             self._maybe_save()
         text = self._text[caption]
-        return {"latents": self._latents[(index, flip)], "micro": self._micro[(index, flip)], **text, "caption": caption}
+        item = {"latents": self._latents[(index, flip)], "micro": self._micro[(index, flip)], **text,
+                "caption": caption}
+        if self.dataset.conditioning:  # maps are cheap to read, so not cached; the flip is the latents' flip
+            item["conditioning_pixel_values"] = self.dataset.conditioning_values(index, flip=flip)
+        return item
 
     # ------------------------------------------------------------------ disk
 
