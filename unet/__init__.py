@@ -11,6 +11,8 @@ from typing import Any
 _LAZY = {
     "UNetConfig": "latentloom.unet.config",
     "UNet": "latentloom.unet.model",
+    "ControlNet": "latentloom.unet.controlnet",
+    "ControlNetConfig": "latentloom.unet.controlnet",
     "DeepCache": "latentloom.unet.step_cache",
     "infer_config_from_ldm_state_dict": "latentloom.unet.convert",
     "attention": "latentloom.unet.attention",

@@ -32,10 +32,11 @@ DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
 def build_with_weights(cfg: UNetConfig, sd: Mapping[str, torch.Tensor], *, source: str,
-                       dtype: torch.dtype | None = None, copy: bool = False) -> UNet:
-    """UNet(cfg) holding exactly ``sd`` (our names); any key mismatch raises, listing the keys."""
+                       dtype: torch.dtype | None = None, copy: bool = False, model_cls: type = UNet) -> Any:
+    """model_cls(cfg) (UNet, or an add-on such as ControlNet) holding exactly ``sd`` (our names);
+    any key mismatch raises, listing the keys."""
     with torch.device("meta"):
-        model = UNet(cfg)
+        model = model_cls(cfg)
     check_state_dict(sd, model.state_dict(), source=source)
     # An integer tensor where a float weight belongs would be assigned as is: an integer UNet.
     wrong = sorted(k for k, v in model.state_dict().items() if v.is_floating_point() and not sd[k].is_floating_point())
