@@ -4,7 +4,9 @@
 The two models run in alternation (shared cores make absolute seconds noise; the ratio is
 the result): median seconds per forward, the ratio latentloom/diffusers, the peak RSS growth
 during a forward and the largest output difference, per dtype/layout mode; with --compile,
-both models go through torch.compile (inductor; weights frozen into the graph on CPU).
+both models go through torch.compile (inductor; weights frozen into the graph on CPU). With
+--token-merge-ratio, latentloom with token merging (ToMe) at each ratio joins the alternation, and a
+second table gives its speed-up over latentloom exact and how far its output moved.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--roofline", action="store_true",
                         help="time, GFLOP and achieved/peak throughput per op kind (matmul, conv, attention, "
                              "norm, ...) for both models, against this CPU's measured GEMM, conv and copy peaks")
+    parser.add_argument("--token-merge-ratio", default=None, metavar="R,R,...",
+                        help="also time latentloom with token merging at these ratios in (0, 1), e.g. 0.3,0.5")
     parser.add_argument("--weights-dir", default=None,
                         help="SDXL presets: where the random SDXL folder is written once (default ~/.cache/latentloom/bench)")
 
@@ -52,11 +56,29 @@ def parse_modes(text: Any) -> list[str]:
     return modes
 
 
+def parse_ratios(text: Any) -> list[float]:
+    """--token-merge-ratio: a comma list of distinct ratios in (0, 1); None -> []."""
+    if text is None:
+        return []
+    try:
+        ratios = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        ratios = []
+    if not ratios or len(set(ratios)) != len(ratios) or not all(0.0 < r < 1.0 for r in ratios):
+        raise ValueError(f"--token-merge-ratio must be a comma list of distinct ratios in (0, 1), e.g. 0.3,0.5; "
+                         f"got {text!r}")
+    return ratios
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad values before minutes of model building (ValueError names value and choices)."""
     if (args.preset or "sd15") not in PRESETS:
         raise ValueError(f"--preset for the UNet benchmark must be one of {list(PRESETS)}, got {args.preset!r}")
     parse_modes(args.modes)
+    ratios = parse_ratios(getattr(args, "token_merge_ratio", None))
+    if ratios and (args.roofline or args.preset in SEPARATE):
+        raise ValueError("--token-merge-ratio times latentloom beside diffusers in one process: it does not go "
+                         "with --roofline or the SDXL presets")
     for name, low in (("size", 8), ("batch", 1)):
         value = getattr(args, name)
         if value < low or (name == "size" and value % 8):
@@ -133,6 +155,12 @@ def run(args: argparse.Namespace) -> list[Table]:
 
         return unet_roofline.run(args, ref, ours, cfg, x32, c32, t, {m: MODES[m] for m in modes}, runs)
 
+    ratios = parse_ratios(getattr(args, "token_merge_ratio", None))
+    tome = None
+    if ratios:
+        tome = Table(title="Token merging (ToMe, attn1 at the top level), same forwards as above",
+                     header=["mode", "ratio", "latentloom s", "ToMe s", "speed-up", "paired speed-up",
+                             "cpu speed-up", "rel. change"])
     extra = ["diffusers first call s", "latentloom first call s"] if args.compile else []
     table = Table(
         title=(f"UNet forward, {preset} ({n_params / 1e6:.1f} M params), latents {args.batch}x{cfg.in_channels}x"
@@ -154,6 +182,8 @@ def run(args: argparse.Namespace) -> list[Table]:
         x = x32.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
         c = c32.to(device=device, dtype=dtype)
         fns = {"diffusers": lambda: ref(x, t, c).sample, "latentloom": lambda: ours(x, t, c)}
+        for r in ratios:
+            fns[f"tome {r:g}"] = lambda r=r: ours(x, t, c, token_merge_ratio=r)
         # no_grad rather than inference_mode: inductor's freezing needs it, and eager runs the same way
         with torch.no_grad():
             first: dict[str, float] = {}
@@ -176,8 +206,13 @@ def run(args: argparse.Namespace) -> list[Table]:
                samples.paired_ratio("latentloom", "diffusers"), cpu["latentloom"] / cpu["diffusers"],
                peak["diffusers"], peak["latentloom"], diff / scale]
         table.add_row(row + ([first["diffusers"], first["latentloom"]] if args.compile else []))
-        print(f"  {mode}: diffusers {[round(v, 3) for v in samples.wall['diffusers']]} s, latentloom "
-              f"{[round(v, 3) for v in samples.wall['latentloom']]} s", flush=True)
+        print(f"  {mode}: " + ", ".join(f"{k} {[round(v, 3) for v in samples.wall[k]]} s" for k in fns), flush=True)
+        exact = outs["latentloom"]
+        for r in ratios:
+            k = f"tome {r:g}"
+            change = ((outs[k] - exact).norm() / exact.norm()).item()
+            tome.add_row([mode, r, wall["latentloom"], wall[k], wall["latentloom"] / wall[k],
+                          1 / samples.paired_ratio(k, "latentloom"), cpu["latentloom"] / cpu[k], change])
     table.notes += [
         f"{runs} timed forwards per model and mode after one warm-up, alternated; models built in {built:.0f} s",
         "s = median wall seconds per forward; ratio = median latentloom / median diffusers; paired ratio = median "
@@ -188,6 +223,10 @@ def run(args: argparse.Namespace) -> list[Table]:
     ]
     if args.compile:
         table.notes.append("first call = the warm-up forward, which compiles")
+    if tome is not None:
+        tome.notes += ["speed-up = median latentloom exact / median ToMe (merge and unmerge included); paired = "
+                       "median of per-run ratios; rel. change = ||ToMe - exact|| / ||exact|| of the output"]
+        return [table, tome]
     return [table]
 
 

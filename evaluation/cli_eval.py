@@ -2,9 +2,9 @@
 
 Generates several images for each held-out caption (color/shape/position triples never
 seen in training) and scores color, shape, size, position and background with the
-procedural checker. Each setting (guidance scale, CLIP guidance scale, step-cache interval) is
-one column of the printed table, so guidance 1 vs the model's default, CLIP guidance on vs off
-and step caching on vs off are read side by side.
+procedural checker. Each setting (guidance scale, CLIP guidance scale, step-cache interval, token
+merge ratio) is one column of the printed table, so guidance 1 vs the model's default, CLIP guidance
+on vs off, step caching and token merging on vs off are read side by side.
 
 No torch import at module level: `latentloom --help` must stay fast.
 """
@@ -43,6 +43,9 @@ def register(subparsers) -> None:
     parser.add_argument("--cache-interval", type=int, nargs="+", default=None, metavar="N",
                         help="step-caching intervals to compare (DeepCache: the whole UNet every N steps; "
                              "default: 1, no caching)")
+    parser.add_argument("--token-merge-ratio", type=float, nargs="+", default=None, metavar="R",
+                        help="token merge ratios to compare (ToMe: self-attention at the highest resolution on "
+                             "(1 - R) of the tokens; default: 0, exact)")
     parser.add_argument("--batch-size", type=int, default=8, help="captions per pipeline call (default: 8)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the full results as JSON")
     parser.set_defaults(func=run)
@@ -86,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     intervals = args.cache_interval or [1]
     if any(n < 1 for n in intervals):
         return fail(f"--cache-interval values must be ints >= 1 (1: no caching), got {intervals}")
+    ratios = args.token_merge_ratio or [0.0]
+    if any(not 0.0 <= r < 1.0 for r in ratios):  # also refuses nan
+        return fail(f"--token-merge-ratio values must be in [0, 1) (0: no merging), got {ratios}")
 
     from latentloom.evaluation.prompt_following import domain_prompts, evaluate
     from latentloom.pipelines.loading import load_pipeline
@@ -106,17 +112,21 @@ def run(args: argparse.Namespace) -> int:
     prompts = domain_prompts(args.captions, seed=args.caption_seed, split=args.split)
     results: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
-    grid = [(g, c, n) for n in intervals for g, c in settings_grid(guidance=guidance, clip_guidance=clip_guidance)]
-    for g, c, n in grid:
-        name = f"cfg {g:g}" + (f" clip {c:g}" if c > 0 else "") + (f" cache {n}" if n > 1 else "")
+    grid = [(g, c, n, r) for r in ratios for n in intervals
+            for g, c in settings_grid(guidance=guidance, clip_guidance=clip_guidance)]
+    for g, c, n, r in grid:
+        name = (f"cfg {g:g}" + (f" clip {c:g}" if c > 0 else "") + (f" cache {n}" if n > 1 else "")
+                + (f" tome {r:g}" if r > 0 else ""))
         calls = {"n": 0}
 
-        def generate(captions: list[str], k: int, *, g: float = g, c: float = c, n: int = n) -> list:
+        def generate(captions: list[str], k: int, *, g: float = g, c: float = c, n: int = n,
+                     r: float = r) -> list:
             # Seeds differ per call so no two captions share noise; fixed per setting so settings compare.
             seed = args.seed + 1000 * calls["n"]
             calls["n"] += 1
             out = pipe(captions, num_images_per_prompt=k, guidance_scale=g, clip_guidance_scale=c, seed=seed,
-                       num_inference_steps=args.steps, sampler=args.sampler, progress=False, cache_interval=n)
+                       num_inference_steps=args.steps, sampler=args.sampler, progress=False, cache_interval=n,
+                       token_merge_ratio=r)
             return out.images
 
         start = time.perf_counter()

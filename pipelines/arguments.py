@@ -15,6 +15,7 @@ import torch
 from latentloom.samplers import get_sampler
 from latentloom.samplers.schedules import TIMESTEP_SPACINGS, ScheduleConfig
 from latentloom.unet.step_cache import check_cache_interval
+from latentloom.unet.token_merge import check_token_merge_ratio
 from latentloom.vae.codec import check_tiling
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -187,6 +188,8 @@ class CallArgs:
     guidance_embedded: bool = False
     cache_interval: int = 1  # step caching (DeepCache): the whole UNet every N sampler steps; 1 = exact
     step_cache: Any = None  # this call's `unet.step_cache.DeepCache`, made with its denoiser when N > 1
+    token_merge_ratio: float = 0.0  # ToMe: self-attention at the top level on (1 - r) of the tokens; 0 = exact
+    control: Any = None  # the call's ControlNets and control images (`control.Control`), or None
 
     @property
     def guidance_mode(self) -> str:
@@ -206,7 +209,8 @@ def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: 
                output_type: Any, seed: Any, generator: Any, vae_tiling: Any = None,
                scheduler_config: Any = None, prompt_2: Any = None, negative_prompt_2: Any = None,
                eta: Any = None, timesteps: Any = None, sigmas: Any = None,
-               timestep_spacing: Any = None, cache_interval: Any = None) -> CallArgs:
+               timestep_spacing: Any = None, cache_interval: Any = None,
+               token_merge_ratio: Any = None) -> CallArgs:
     """Check the shared arguments (None = the model's default) before any work is done."""
     d = pipe.defaults
     prompts = check_prompt_list(prompt)
@@ -249,11 +253,13 @@ def parse_call(pipe, prompt: Any, *, negative_prompt: Any, num_inference_steps: 
     if sampler == "tcd":
         eta = check_float(TCD_ETA if eta is None else eta, "eta", low=0.0, high=1.0)
     cache_interval = check_cache_interval(cache_interval)
+    token_merge_ratio = check_token_merge_ratio(token_merge_ratio)
     embedded = bool(getattr(pipe.unet.config, "guidance_embedded", False))
     return CallArgs(prompts, negatives, steps, scale, rescale, sampler, karras, per_prompt, output_type,
                     generator, seeds, schedule, vae_tiling, prompts_2, negatives_2, eta=eta,
                     guidance_embedded=embedded, timesteps=None if timesteps is None else custom,
-                    sigmas=None if sigmas is None else custom, cache_interval=cache_interval)
+                    sigmas=None if sigmas is None else custom, cache_interval=cache_interval,
+                    token_merge_ratio=token_merge_ratio)
 
 
 def check_custom_schedule(timesteps: Any, sigmas: Any) -> list[float] | None:

@@ -37,7 +37,7 @@ COMPARED = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidanc
 COMPARED_IF_GIVEN = ("guidance_rescale", "karras_sigmas", "clip_guidance_scale", "vae_tiling", "prompt_2",
                      "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
                      "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
-                     "aesthetic_score", "negative_aesthetic_score", "cache_interval")
+                     "aesthetic_score", "negative_aesthetic_score", "cache_interval", "token_merge_ratio")
 # recipes store sizes and coordinates as JSON lists; the command gives them as tuples or lists
 _AS_LISTS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
              "negative_crops_coords_top_left", "negative_target_size")
@@ -129,6 +129,8 @@ def expected_recipe(pipe, job: Job, options: dict[str, Any], refiner=None) -> di
                      for k in COMPARED_IF_GIVEN if call.get(k) is not None})
     if expected.get("cache_interval") == 1:  # exact: recipes leave it out
         expected["cache_interval"] = None
+    if expected.get("token_merge_ratio") == 0:
+        expected["token_merge_ratio"] = None
     if refiner is not None:
         expected.update({"refiner": refiner.name, "refiner_hash": refiner.model_hash(),
                          "refiner_start": options.get("refiner_start", 0.8)})

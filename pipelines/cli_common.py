@@ -53,6 +53,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-interval", type=int, default=None, metavar="N",
                        help="step caching (DeepCache): the whole UNet every N sampler steps, its shallow branch "
                             "in between; faster, slightly different images (default: 1, exact)")
+    group.add_argument("--token-merge-ratio", type=float, default=None, metavar="R",
+                       help="token merging (ToMe): self-attention at the highest resolution on (1 - R) of the "
+                            "tokens, R in [0, 1); pays at large sizes (768 px and up), slightly different images "
+                            "(default: 0, exact)")
     group.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: random)")
     group.add_argument("--num-images", type=int, default=1, dest="num_images_per_prompt")
     group.add_argument("--clip-guidance", type=float, default=None, dest="clip_guidance_scale",
@@ -95,6 +99,57 @@ def add_sdxl_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     return group
 
 
+def add_control_arguments(parser: argparse.ArgumentParser) -> None:
+    """--controlnet PATH --control-image FILE [--control-scale S --control-start A --control-end B], repeated
+    once per ControlNet in order, and --guess-mode (generate, img2img, inpaint)."""
+    group = parser.add_argument_group("ControlNet (repeat the set once per ControlNet, in order)")
+    group.add_argument("--controlnet", action="append", default=None, metavar="PATH",
+                       help="a diffusers ControlNetModel folder or an original .safetensors file (a model folder "
+                            "saved with its ControlNet brings it along)")
+    group.add_argument("--control-image", action="append", default=None, metavar="FILE",
+                       help="the control map for that ControlNet, of the output's size (not resized)")
+    group.add_argument("--control-scale", action="append", type=float, default=None, metavar="S",
+                       help="how strongly it steers (default 1.0; one value for all, or one per ControlNet)")
+    group.add_argument("--control-start", action="append", type=float, default=None, metavar="A",
+                       help="fraction of the steps where it starts acting (default 0.0)")
+    group.add_argument("--control-end", action="append", type=float, default=None, metavar="B",
+                       help="fraction of the steps where it stops acting (default 1.0)")
+    group.add_argument("--guess-mode", action="store_true", default=None,
+                       help="the ControlNets steer the conditional half only (for prompts that say little)")
+
+
+# --control-* flag -> the pipeline argument it sets
+CONTROL_FLAGS = (("control_scale", "controlnet_conditioning_scale"), ("control_start", "control_guidance_start"),
+                 ("control_end", "control_guidance_end"))
+
+
+def control_kwargs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
+    """The pipeline's control arguments from the --control-* flags, checked against its ControlNets."""
+    n = len(getattr(pipe, "controlnets", []))
+    images = getattr(args, "control_image", None) or []
+    given = [f"--{flag.replace('_', '-')}" for flag, _ in CONTROL_FLAGS if getattr(args, flag, None)]
+    given += ["--control-image"] * bool(images) + ["--guess-mode"] * bool(getattr(args, "guess_mode", None))
+    if not n:
+        if given:
+            raise ValueError(f"{given[0]} needs a ControlNet: give --controlnet PATH (or a model folder saved with "
+                             "one)")
+        return {}
+    if len(images) != n:
+        raise ValueError(f"got {len(images)} --control-image for {n} ControlNet(s); give one per ControlNet, in order")
+    out: dict[str, Any] = {"control_image": images[0] if n == 1 else list(images)}
+    for flag, name in CONTROL_FLAGS:
+        values = getattr(args, flag, None)
+        if values is None:
+            continue
+        if len(values) not in (1, n):
+            raise ValueError(f"got {len(values)} --{flag.replace('_', '-')} for {n} ControlNet(s); give one for all, "
+                             "or one per ControlNet")
+        out[name] = values[0] if len(values) == 1 else list(values)
+    if getattr(args, "guess_mode", None):
+        out["guess_mode"] = True
+    return out
+
+
 def call_kwargs(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
     """The pipeline keyword arguments the user set (None means: the model's default)."""
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
@@ -102,7 +157,7 @@ def call_kwargs(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, A
 
 SAMPLING_NAMES = ("negative_prompt", "num_inference_steps", "guidance_scale", "guidance_rescale", "sampler",
                   "karras_sigmas", "seed", "num_images_per_prompt", "clip_guidance_scale", "timestep_spacing",
-                  "timesteps", "sigmas", "eta", "cache_interval")
+                  "timesteps", "sigmas", "eta", "cache_interval", "token_merge_ratio")
 
 
 def check_output(path: str) -> None:
@@ -129,7 +184,7 @@ def load_model(args: argparse.Namespace, *, device: Any = None):
 
     model = args.model if args.model is not None else getattr(args, "default_model", BUNDLED)
     return load_pipeline(model, device=args.device or device, dtype=args.dtype, tokenizer=args.tokenizer,
-                         compile=getattr(args, "compile", False))
+                         compile=getattr(args, "compile", False), controlnet=getattr(args, "controlnet", None))
 
 
 def report_saved(paths) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 
 from latentloom.pipelines.cli_common import (
-    BUNDLED, SAMPLING_NAMES, SDXL_NAMES, add_model_arguments, add_sampling_arguments, add_sdxl_arguments, call_kwargs,
-    fail, load, report_saved,
+    BUNDLED, SAMPLING_NAMES, SDXL_NAMES, add_control_arguments, add_model_arguments, add_sampling_arguments,
+    add_sdxl_arguments, call_kwargs, control_kwargs, fail, load, report_saved,
 )
 
 _NAMES = tuple(n for n in SAMPLING_NAMES if n != "clip_guidance_scale")  # CLIP guidance: generate only
@@ -25,8 +25,9 @@ def _parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
 def _finish(parser: argparse.ArgumentParser, run, *, model: str = BUNDLED, sdxl: bool = True) -> None:
     add_model_arguments(parser, default=model)
     add_sampling_arguments(parser)
-    if sdxl:  # img2img and inpaint take SDXL models' options; the upscaler has none
+    if sdxl:  # img2img and inpaint take SDXL models' options and ControlNets; the upscaler neither
         add_sdxl_arguments(parser)
+        add_control_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -77,6 +78,7 @@ def _run(args: argparse.Namespace, method: str, **task: object) -> int:
         if "mask_image" in kwargs:
             kwargs["mask_image"] = _open(kwargs["mask_image"], "mask")
         pipe = load(args)
+        kwargs.update(control_kwargs(args, pipe))
         out = getattr(pipe, method)(args.prompt, **kwargs, progress=not args.no_progress)
         report_saved(out.save(args.output))
     except (ValueError, TypeError, OSError) as err:  # OSError: a full disk, an output path that is a folder

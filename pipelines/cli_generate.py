@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from latentloom.pipelines.cli_common import (
-    SAMPLING_NAMES, SDXL_NAMES, add_model_arguments, add_sampling_arguments, add_sdxl_arguments, call_kwargs, fail,
-    load, load_model, report_saved,
+    CONTROL_FLAGS, SAMPLING_NAMES, SDXL_NAMES, add_control_arguments, add_model_arguments, add_sampling_arguments,
+    add_sdxl_arguments, call_kwargs, control_kwargs, fail, load, load_model, report_saved,
 )
 
 # --vae-tiling choice -> the pipeline's vae_tiling argument
@@ -16,7 +16,7 @@ VAE_TILING = {"auto": None, "on": True, "off": False}
 # recipe keys that `--from` passes back to the pipeline call
 _REPLAYED = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "guidance_rescale", "sampler",
              "karras_sigmas", "seed", "clip_guidance_scale", "height", "width", "vae_tiling", "scheduler_config",
-             "eta", "timesteps", "sigmas", "cache_interval", *SDXL_NAMES)
+             "eta", "timesteps", "sigmas", "cache_interval", "token_merge_ratio", *SDXL_NAMES)
 
 
 def register(subparsers) -> None:
@@ -59,6 +59,7 @@ def register(subparsers) -> None:
                              "on, off (default: auto)")
     add_model_arguments(parser)
     add_sampling_arguments(parser)
+    add_control_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     if args.prompts is not None or args.output_dir is not None:
+        if args.controlnet or args.control_image:
+            return fail("--controlnet / --control-image make one image (or one prompt's); not with --prompts")
         return run_prompts_file(args)
     if args.overwrite:
         return fail("--overwrite goes with --prompts FILE --output-dir DIR")
@@ -126,12 +129,17 @@ def run(args: argparse.Namespace) -> int:
                 args.refiner_start = recipe.get("refiner_start")
         if args.dtype is None and recipe.get("dtype"):
             args.dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(recipe["dtype"])
+        if recipe.get("controlnets"):
+            problem = replay_control(recipe, args, args.from_image)
+            if problem:
+                return fail(problem)
     elif not args.prompt:
         return fail("give a prompt, or --from IMAGE.png")
     else:
         kwargs["prompt"] = args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
     try:
         pipe = load(args)
+        kwargs.update(control_kwargs(args, pipe))
         if args.refiner is not None:
             from latentloom.pipelines.handoff import generate_with_refiner
             from latentloom.pipelines.loading import load_pipeline
@@ -208,3 +216,32 @@ def run_prompts_file(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError) as err:
         return fail(str(err))
     return 0
+
+
+def replay_control(recipe: dict, args: argparse.Namespace, image: str) -> str | None:
+    """Set the --controlnet / --control-* flags the user left out from the recipe's ControlNets; the
+    message of what is missing (a control image gone or changed), else None."""
+    from latentloom.pipelines.control_maps import file_sha256
+
+    entries = recipe["controlnets"]
+    if args.controlnet is None:
+        args.controlnet = [e["model"] for e in entries]
+    if args.control_image is None:
+        args.control_image = []
+        for k, e in enumerate(entries):
+            path = e.get("image")
+            if not path:
+                return (f"{image} was made with control image {k} given in memory (no path recorded); pass "
+                        "--control-image for each ControlNet")
+            if not Path(path).is_file():
+                return f"{image} needs its control image {path}, which is missing; pass --control-image FILE"
+            if e.get("image_sha256") and file_sha256(path) != e["image_sha256"]:
+                return (f"control image {path} changed since {image} was made (sha256 {file_sha256(path)[:12]}..., "
+                        f"recorded {e['image_sha256'][:12]}...); pass --control-image to use it anyway")
+            args.control_image.append(path)
+    for flag, key in zip((f for f, _ in CONTROL_FLAGS), ("scale", "start", "end")):
+        if getattr(args, flag) is None:
+            setattr(args, flag, [float(e[key]) for e in entries])
+    if args.guess_mode is None and recipe.get("guess_mode"):
+        args.guess_mode = True
+    return None

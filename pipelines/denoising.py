@@ -26,12 +26,18 @@ class UNetCall:
     copy of the UNet, with a warning; one made for one call and dropped with it.
     """
 
-    def __init__(self, unet, *, cache=None) -> None:
+    def __init__(self, unet, *, cache=None, token_merge_ratio: float = 0.0, control=None) -> None:
         self.unet = unet
         self.fp32_unet = None
         self.cache = cache  # step caching's `DeepCache`, or None
+        self.token_merge_ratio = token_merge_ratio  # 0: exact (the UNet is not even told)
+        self.control = control  # the call's `control.Control` (ControlNets), or None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        if self.control is not None:  # once per call: a float32 retry reuses them
+            residuals = self.control(x, t, cond)
+            if residuals is not None:
+                cond["control"] = residuals
         if self.fp32_unet is None:
             out = self._forward(self.unet, x, t, cond)
             if torch.isfinite(out).all():
@@ -55,6 +61,8 @@ class UNetCall:
         cond = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in cond.items()}
         if self.cache is not None:
             cond["cache"] = self.cache
+        if self.token_merge_ratio > 0:
+            cond["token_merge_ratio"] = self.token_merge_ratio
         return unet(x.to(dtype), t, **cond).to(x.dtype)
 
 
@@ -94,12 +102,14 @@ def repeat_cond(cond: dict, repeats: int) -> dict:
 
 
 def build_denoiser(pipe, *, cond: dict, uncond: dict | None, guidance_scale: float, guidance_rescale: float,
-                   schedule: ScheduleConfig, extra: dict | None = None,
-                   cache=None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                   schedule: ScheduleConfig, extra: dict | None = None, cache=None,
+                   token_merge_ratio: float = 0.0,
+                   control=None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The guided denoiser (x, sigma) -> x0 for this call, on the call's resolved `schedule`.
     `extra` holds conditioning shared by both halves (concat channels, class labels); `cache`, a
-    `DeepCache` the UNet calls share (step caching), or None."""
-    model = UNetCall(pipe.unet, cache=cache)
+    `DeepCache` the UNet calls share (step caching), or None; `token_merge_ratio`, the UNet's
+    token merging (0: exact); `control`, the call's ControlNets (`control.Control`), or None."""
+    model = UNetCall(pipe.unet, cache=cache, token_merge_ratio=token_merge_ratio, control=control)
     denoiser = Denoiser(model, pipe.discrete_schedule(schedule), prediction_type=schedule.prediction_type)
     extra = extra or {}
     if uncond is None:
@@ -123,7 +133,7 @@ def guided_denoiser(pipe, call: CallArgs, *, extra: dict | None = None):
         call.step_cache = DeepCache(call.cache_interval, calls_per_step=calls_per_step(call.sampler))
     return build_denoiser(pipe, cond=cond, uncond=uncond, guidance_scale=call.scale,
                           guidance_rescale=call.rescale, schedule=call.schedule, extra=extra,
-                          cache=call.step_cache)
+                          cache=call.step_cache, token_merge_ratio=call.token_merge_ratio, control=call.control)
 
 
 def call_sigmas(pipe, call: CallArgs) -> torch.Tensor:
@@ -157,11 +167,15 @@ def run_sampler(pipe, call: CallArgs, denoiser, x: torch.Tensor, sigmas: torch.T
     sample = get_sampler(call.sampler)
     bar = tqdm(total=len(sigmas) - 1, desc=f"latentloom {call.sampler}", disable=not progress, leave=False)
 
-    cache = call.step_cache
+    cache, control = call.step_cache, call.control
+    if control is not None:  # control_guidance_start / end are fractions of the steps this run walks
+        control.start(len(sigmas) - 1, calls_per_step(call.sampler))
 
     def on_step(i, sigma, x_i, denoised):
         if cache is not None:  # step i made its first UNet call: the cache counts sampler steps
             cache.step_done(i)
+        if control is not None:
+            control.step_done(i)
         bar.update(1)
         if callback is not None:
             callback(i, sigma, x_i, denoised)

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 
 from latentloom.pipelines.arguments import check_float, check_unet_channels, parse_call
+from latentloom.pipelines.control import parse_control
 from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.image_input import (
@@ -59,6 +60,12 @@ def image_to_image(
     sigmas: list[float] | None = None,
     timestep_spacing: str | None = None,
     cache_interval: int | None = None,
+    token_merge_ratio: float | None = None,
+    control_image: Any = None,
+    controlnet_conditioning_scale: float | list[float] = 1.0,
+    control_guidance_start: float | list[float] = 0.0,
+    control_guidance_end: float | list[float] = 1.0,
+    guess_mode: bool = False,
     prompt_2: str | list[str] | None = None,
     negative_prompt_2: str | list[str] | None = None,
     original_size: tuple[int, int] | None = None,
@@ -87,7 +94,9 @@ def image_to_image(
     generator gives diffusers' `StableDiffusionImg2ImgPipeline` (`StableDiffusionXLImg2ImgPipeline`,
     refiners included) image. `denoising_start=f`: `image` is the latent tensor a base model returned with
     `denoising_end=f, output_type="latent"`; the refiner runs the schedule's steps below the cut from
-    it, adding no noise (strength is not used; see `pipelines.handoff`).
+    it, adding no noise (strength is not used; see `pipelines.handoff`). `control_image` and the other
+    control arguments: as `text_to_image` (diffusers' StableDiffusionControlNetImg2ImgPipeline); the control
+    image must have `image`'s size, and control_guidance_start / end are fractions of the steps strength runs.
     """
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
@@ -95,7 +104,7 @@ def image_to_image(
                       output_type=output_type, seed=seed, generator=generator,
                       scheduler_config=scheduler_config, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
                       eta=eta, timesteps=timesteps, sigmas=sigmas, timestep_spacing=timestep_spacing,
-                      cache_interval=cache_interval)
+                      cache_interval=cache_interval, token_merge_ratio=token_merge_ratio)
     strength = check_strength(strength)
     check_unet_channels(pipe, expected=(pipe.latent_channels,), task="img2img")
     if denoising_start is not None:
@@ -106,6 +115,12 @@ def image_to_image(
         pixels = per_prompt_images(images_to_tensor(image), len(call.prompts))  # (n, 3, H, W) in [0, 1]
         height, width = check_image_size(pipe, pixels)
     call.micro = parse_micro(pipe, height=height, width=width, values=micro_values(locals()))
+    control = parse_control(pipe, len(call.prompts), control_image=control_image,
+                            scale=controlnet_conditioning_scale, start=control_guidance_start,
+                            end=control_guidance_end, guess_mode=guess_mode)
+    if control is not None:  # the control image must have the output's size
+        control.bind(call, height=height, width=width, device=pipe.device)
+        call.control = control
     denoiser = guided_denoiser(pipe, call)
     if denoising_start is not None:
         sigmas = cut_start(pipe, call, call_sigmas(pipe, call), denoising_start)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from latentloom.pipelines.arguments import check_int, check_unet_channels, parse_call
+from latentloom.pipelines.control import parse_control
 from latentloom.pipelines.denoising import call_sigmas, guided_denoiser, run_sampler
 from latentloom.pipelines.metadata import call_recipes
 from latentloom.pipelines.output import latents_to_output
@@ -58,6 +59,12 @@ def inpaint(
     sigmas: list[float] | None = None,
     timestep_spacing: str | None = None,
     cache_interval: int | None = None,
+    token_merge_ratio: float | None = None,
+    control_image: Any = None,
+    controlnet_conditioning_scale: float | list[float] = 1.0,
+    control_guidance_start: float | list[float] = 0.0,
+    control_guidance_end: float | list[float] = 1.0,
+    guess_mode: bool = False,
     prompt_2: str | list[str] | None = None,
     negative_prompt_2: str | list[str] | None = None,
     original_size: tuple[int, int] | None = None,
@@ -87,7 +94,9 @@ def inpaint(
     generator gives `StableDiffusionInpaintPipeline`'s image, for 4-channel models too with the
     single-step and multistep samplers). output_type="latent" returns
     latents without paste-back. Other arguments as `text_to_image` (SDXL's included: 4- and 9-channel
-    SDXL models give `StableDiffusionXLInpaintPipeline`'s image).
+    SDXL models give `StableDiffusionXLInpaintPipeline`'s image). `control_image` and the other control
+    arguments: as `text_to_image` (diffusers' StableDiffusionControlNetInpaintPipeline, 4- or 9-channel UNet;
+    the ControlNet reads the latents, not the mask channels); the control image must have `image`'s size.
     """
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
@@ -95,7 +104,7 @@ def inpaint(
                       output_type=output_type, seed=seed, generator=generator,
                       scheduler_config=scheduler_config, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
                       eta=eta, timesteps=timesteps, sigmas=sigmas, timestep_spacing=timestep_spacing,
-                      cache_interval=cache_interval)
+                      cache_interval=cache_interval, token_merge_ratio=token_merge_ratio)
     strength = check_strength(strength)
     c = pipe.latent_channels
     channels = check_unet_channels(pipe, expected=(c, 2 * c + 1), task="inpaint")
@@ -106,6 +115,12 @@ def inpaint(
     check_mask_size(mask, pixels)
     height, width = check_image_size(pipe, pixels)
     call.micro = parse_micro(pipe, height=height, width=width, values=micro_values(locals()))
+    control = parse_control(pipe, len(call.prompts), control_image=control_image,
+                            scale=controlnet_conditioning_scale, start=control_guidance_start,
+                            end=control_guidance_end, guess_mode=guess_mode)
+    if control is not None:  # the control image must have the output's size
+        control.bind(call, height=height, width=width, device=pipe.device)
+        call.control = control
     sigmas = sigmas_for_strength(call_sigmas(pipe, call), strength, sampler=call.sampler)
 
     device, batch, gen = pipe.device, call.batch, call.generator

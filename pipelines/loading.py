@@ -32,6 +32,7 @@ def load_pipeline(
     unet_config=None,
     channels_last: bool = True,
     compile: bool = False,
+    controlnet: Any = None,
 ) -> Pipeline:
     """Load a model into a `Pipeline`.
 
@@ -53,6 +54,12 @@ def load_pipeline(
     refused by default because unpickling can run code.
     unet_config: the `UNetConfig` of a single-file checkpoint whose UNet is not SD-shaped
     (by default it is inferred from the weights).
+    controlnet: a ControlNet for the model, or a list of them (their residuals are summed, in order): a
+    diffusers ControlNetModel folder or an original single `.safetensors` file (or a loaded `ControlNet`).
+    It replaces the ControlNet(s) a folder saved by diffusers' StableDiffusionControlNetPipeline brings
+    (controlnet/, or controlnet/, controlnet_1/, ... for a MultiControlNetModel), which load otherwise.
+    Each must fit the UNet (skip channels, text width, control image at the VAE's factor). Calls then
+    take control_image= and the other control arguments (`pipelines.control`).
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -85,6 +92,10 @@ def load_pipeline(
                 f"no model at {str(path)!r}: give a folder (diffusers or latentloom layout), a .safetensors "
                 "file, a hub id like 'org/model' (online only), or nothing for the bundled model"
             )
+    if controlnet is not None:
+        from latentloom.pipelines.control import attach
+
+        attach(pipe, controlnet)
     from latentloom.pipelines.runtime import optimize
 
     return optimize(pipe.to(device=device, dtype=dtype), channels_last=channels_last, compile=compile)
@@ -154,6 +165,12 @@ def load_diffusers_folder(folder: Path, index: dict[str, Any], *, dtype: torch.d
         defaults=call_defaults(side, sdxl=sdxl, guidance_embedded=unet.config.guidance_embedded),
         weights_files=sorted((folder / "unet").glob("*.safetensors"))[:1], upscaler=_upscaler_settings(folder, index),
     )
+    if index.get("controlnet"):  # a StableDiffusionControlNet*Pipeline folder: its ControlNet(s) come along
+        from latentloom.pipelines.control import check_fits, folder_controlnets
+
+        pipe.controlnets = folder_controlnets(folder, index, dtype=dtype)
+        for attached in pipe.controlnets:
+            check_fits(pipe, attached)
     return pipe
 
 

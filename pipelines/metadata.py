@@ -101,6 +101,8 @@ def call_recipes(pipe, call, *, height: int, width: int, task: str, **fields: An
         shared["eta"] = call.eta
     if call.cache_interval > 1:  # step caching; left out when off, so exact recipes stay as they were
         shared["cache_interval"] = call.cache_interval
+    if call.token_merge_ratio > 0:  # token merging; left out when off, like cache_interval
+        shared["token_merge_ratio"] = call.token_merge_ratio
     for key in ("timesteps", "sigmas"):  # a caller's own schedule (num_inference_steps is its length)
         if getattr(call, key) is not None:
             shared[key] = list(getattr(call, key))
@@ -108,9 +110,11 @@ def call_recipes(pipe, call, *, height: int, width: int, task: str, **fields: An
     second = {}
     if call.prompts_2 is not None or call.negatives_2 is not None:
         second = {"prompt_2": call.prompts_2, "negative_prompt_2": call.negatives_2}
+    control = getattr(call, "control", None)  # ControlNets: models, this prompt's control images, settings
     return [
         {**shared, "prompt": call.prompts[i // n], "seed": call.seeds[i],
          "negative_prompt": call.negatives[i // n] if call.negatives else None,
-         **{k: (v[i // n] if v else None) for k, v in second.items()}}
+         **{k: (v[i // n] if v else None) for k, v in second.items()},
+         **(control.recipe(i // n) if control is not None else {})}
         for i in range(call.batch)
     ]

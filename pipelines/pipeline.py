@@ -68,6 +68,7 @@ class Pipeline:
         # free the text encoders' weights after each call's prompts are encoded (read back for a new
         # prompt): True, False, or None = when the model's weights take over half of this machine's RAM
         self.release_text_encoders: bool | None = None
+        self.controlnets: list = []  # `control.AttachedControlNet`s, summed in order (load_pipeline(controlnet=))
 
     def releases_text_encoders(self) -> bool:
         """Whether a call frees the text encoders' weights once its prompts are encoded (see
@@ -117,7 +118,9 @@ class Pipeline:
 
         device = torch.device(device) if device is not None else self.device
         dtype = resolve_dtype(dtype, device) if dtype is not None else self.dtype
-        for module, wanted in ((self.unet, dtype), (self.vae, vae_dtype(self.vae, dtype))):
+        modules = [(self.unet, dtype), (self.vae, vae_dtype(self.vae, dtype))]
+        modules += [(c.model, dtype) for c in self.controlnets]  # in the UNet's dtype, as diffusers' pipelines
+        for module, wanted in modules:
             params = next(module.parameters(), None)
             if params is None:  # a PixelShuffleVAE has a buffer only
                 params = next(module.buffers())

@@ -78,6 +78,8 @@ def optimize(pipe: Any, *, channels_last: bool = True, compile: bool = False) ->
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
+        for attached in getattr(pipe, "controlnets", []):
+            attached.model.to(memory_format=torch.channels_last)
     if compile:
         compile_unet(pipe)
     return pipe

@@ -48,6 +48,7 @@ def upscale(
     sigmas: list[float] | None = None,
     timestep_spacing: str | None = None,
     cache_interval: int | None = None,
+    token_merge_ratio: float | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     seed: int | None = None,
     num_images_per_prompt: int = 1,
@@ -71,7 +72,8 @@ def upscale(
                       karras_sigmas=karras_sigmas, num_images_per_prompt=num_images_per_prompt,
                       output_type=output_type, seed=seed, generator=generator,
                       scheduler_config=scheduler_config, eta=eta, timesteps=timesteps, sigmas=sigmas,
-                      timestep_spacing=timestep_spacing, cache_interval=cache_interval)
+                      timestep_spacing=timestep_spacing, cache_interval=cache_interval,
+                      token_merge_ratio=token_merge_ratio)
     c = pipe.latent_channels
     check_unet_channels(pipe, expected=(c + 3,), task="upscale")
     schedule, max_level = upscaler_parts(pipe)

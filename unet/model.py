@@ -16,8 +16,9 @@ The signature stays small; each kind of conditioning has one way in:
   by ``vector_conditioning``; sgm's name), and ``guidance`` (B,), the guidance scale w of
   LCM-distilled UNets, embedded like a timestep (``guidance_embedding``) and projected into the
   timestep's sinusoidal embedding, as diffusers' ``time_cond_proj_dim`` / ``timestep_cond`` do;
-- add-on networks (ControlNet) will pass their residuals as one optional keyword, a list added
-  to the skip connections and the middle block's output.
+- add-on networks (ControlNet) pass their residuals as one optional keyword, ``control=(down, mid)``:
+  down[k] is added to the k-th skip tensor and mid to the middle block's output (diffusers'
+  ``down_block_additional_residuals`` / ``mid_block_additional_residual``).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from latentloom.unet.attention import DEFAULT_QUERY_CHUNK, check_backend, mask_t
 from latentloom.unet.blocks import Downsample, ResBlock, TimestepMLP, Upsample, timestep_embedding
 from latentloom.unet.config import UNetConfig
 from latentloom.unet.step_cache import DeepCache
+from latentloom.unet.token_merge import TokenMerge, check_token_merge_ratio
 from latentloom.unet.transformer import Attention, SpatialTransformer
 
 
@@ -115,6 +117,9 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(ch0, cfg.out_channels, 3, padding=1)
         self.gradient_checkpointing = False
         self._backend = "sdpa"
+        # token merging's level: the highest resolution with transformers (SD 1.x/2.x: level 0, as
+        # tomesd's max_downsample=1; SDXL and the bundled model have none at level 0, so level 1)
+        self.merge_level = next((i for i, a in enumerate(cfg.attention_levels) if a), None)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -166,6 +171,8 @@ class UNet(nn.Module):
         y: torch.Tensor | None = None,
         guidance: torch.Tensor | float | None = None,
         cache: DeepCache | None = None,
+        token_merge_ratio: float | None = None,
+        control: tuple[list[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x (B, in_ch, H, W), t scalar or (B,), context (B, L, D) -> (B, out_ch, H, W).
 
@@ -175,15 +182,27 @@ class UNet(nn.Module):
         None leaves the embedding out, as diffusers does without `timestep_cond`. Inputs are cast
         to the weights' dtype; the prediction comes back in x's dtype. cache: a `step_cache.DeepCache`
         (step caching, opt-in): it says whether this call runs the whole network and stores the deep
-        feature, or only the shallow branch on the stored one.
+        feature, or only the shallow branch on the stored one. token_merge_ratio: r in [0, 1) (opt-in,
+        ToMe for SD): self-attention in the transformers of the highest-resolution level that has them
+        runs on (1 - r) of the tokens (`token_merge`); 0 or None: exact. control: (down, mid), a
+        ControlNet's residuals (summed over several): one per skip tensor, each shaped like it (or (B, C, 1, 1),
+        a pooled ControlNet's), added to the skips after the down path, and mid added to the middle block's
+        output, as diffusers adds them. On a cached step only the shallow branch runs, so only the residuals
+        of the skips it reads (conv_in's and the first down block's) are added; the deeper ones reach the
+        image through the deep feature stored on the last full step, which had that step's residuals.
         """
         cfg = self._config
         self._check_inputs(x, context, context_mask, class_labels)
         self._check_vector(y, x.shape[0])
+        ratio = check_token_merge_ratio(token_merge_ratio)
         B, in_dtype, dtype = x.shape[0], x.dtype, self.dtype
+        if control is not None:
+            down_res, mid_res = self._check_control(control, x)
+            down_res, mid_res = [r.to(dtype) for r in down_res], mid_res.to(dtype)
         x, context = x.to(dtype), context.to(dtype)
 
         t = _timesteps(t, B, device=x.device)  # (B,) float32
+        merge = TokenMerge.for_timestep(ratio, t) if ratio > 0 else None
         t_emb = timestep_embedding(t, cfg.channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                    freq_shift=cfg.freq_shift)
         cond = None
@@ -208,48 +227,65 @@ class UNet(nn.Module):
             first = self.down_blocks[0]  # shallow branch: the first down block only
             h = self._run(first.resnets[0], h, emb_act)
             if len(first.attentions):
-                h = self._run(first.attentions[0], h, context, bias)
+                h = self._run(first.attentions[0], h, context, bias, self._merge(merge, 0, 0))
             skips.append(h)
-            h = self._up_level(self.up_blocks[-1], cache.load(h), skips, emb_act, context, bias, start=cache_at)
+            if control is not None:  # the shallow branch reads only the first skips: add theirs
+                skips = [s + r for s, r in zip(skips, down_res)]
+            h = self._up_level(self.up_blocks[-1], cache.load(h), skips, emb_act, context, bias, start=cache_at,
+                               merge=self._merge(merge, 0, 0, up=True))
             return self.conv_out(F.silu(self.conv_norm_out(h))).to(in_dtype)  # (B, out_ch, H, W)
 
-        for level in self.down_blocks:
+        for i, level in enumerate(self.down_blocks):
             for j, resnet in enumerate(level.resnets):
                 h = self._run(resnet, h, emb_act)
                 if len(level.attentions):
-                    h = self._run(level.attentions[j], h, context, bias)
+                    h = self._run(level.attentions[j], h, context, bias, self._merge(merge, i, j))
                 skips.append(h)
             for down in level.downsamplers:
                 h = down(h)
                 skips.append(h)
+        if control is not None:  # after the down path: the residuals change the skips, not the path down
+            skips = [s + r for s, r in zip(skips, down_res)]
 
         mid = self.mid_block
         h = self._run(mid.resnets[0], h, emb_act)
-        h = self._run(mid.attentions[0], h, context, bias)
+        h = self._run(mid.attentions[0], h, context, bias, self._merge(merge, cfg.num_levels - 1, 0, mid=True))
         h = self._run(mid.resnets[1], h, emb_act)
+        if control is not None:
+            h = h + mid_res
 
         for k, level in enumerate(self.up_blocks):
             last = k == len(self.up_blocks) - 1
             h = self._up_level(level, h, skips, emb_act, context, bias, store=cache if last else None,
-                               store_at=cache_at)
+                               store_at=cache_at, merge=self._merge(merge, cfg.num_levels - 1 - k, 0, up=True))
 
         h = self.conv_out(F.silu(self.conv_norm_out(h)))
         return h.to(in_dtype)  # (B, out_ch, H, W)
 
     def _up_level(self, level: Level, h: torch.Tensor, skips: list[torch.Tensor], emb_act: torch.Tensor,
                   context: torch.Tensor, bias: torch.Tensor | None, *, start: int = 0,
-                  store: DeepCache | None = None, store_at: int = -1) -> torch.Tensor:
+                  store: DeepCache | None = None, store_at: int = -1,
+                  merge: TokenMerge | None = None) -> torch.Tensor:
         """One up level from its ResBlock `start` on, popping a skip per ResBlock; `store` keeps the
-        input of ResBlock `store_at` (before its skip is concatenated)."""
+        input of ResBlock `store_at` (before its skip is concatenated); `merge`: this level's token
+        merging (transformer j draws from merge.child(j))."""
         for j in range(start, len(level.resnets)):
             if store is not None and j == store_at:
                 store.store(h)
             h = self._run(level.resnets[j], torch.cat([h, skips.pop()], dim=1), emb_act)
             if len(level.attentions):
-                h = self._run(level.attentions[j], h, context, bias)
+                h = self._run(level.attentions[j], h, context, bias, None if merge is None else merge.child(j))
         for up in level.upsamplers:
             h = up(h, size=tuple(skips[-1].shape[-2:]))
         return h
+
+    def _merge(self, merge: TokenMerge | None, level: int, j: int, *, up: bool = False,
+               mid: bool = False) -> TokenMerge | None:
+        """Token merging for transformer j of `level` (down path, up path or middle block): only the
+        merge level's transformers merge, each with its own draws; the same ones on cached steps."""
+        if merge is None or level != self.merge_level:
+            return None
+        return merge.child(2000 if mid else 1000 if up else j)
 
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
                       class_labels: torch.Tensor | None) -> None:
@@ -272,6 +308,37 @@ class UNet(nn.Module):
             if class_labels.shape != (B,) or class_labels.is_floating_point():
                 raise ValueError(f"class_labels must be ({B},) integers, got {tuple(class_labels.shape)} "
                                  f"{class_labels.dtype}")
+
+    def skip_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
+        """(channels, h, w) of every skip tensor for latents of height x width, in push order, and the
+        middle block's output last: the shapes a ControlNet's residuals must have."""
+        cfg, shapes, h, w = self._config, [], height, width
+        shapes.append((cfg.channels[0], h, w))
+        for i, level in enumerate(self.down_blocks):
+            shapes += [(cfg.channels[i], h, w)] * len(level.resnets)
+            if len(level.downsamplers):
+                h, w = (h + 1) // 2, (w + 1) // 2  # stride-2 3x3 conv, padding 1
+                shapes.append((cfg.channels[i], h, w))
+        return shapes + [(cfg.channels[-1], h, w)]
+
+    def _check_control(self, control: Any, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(down, mid) residuals that fit this UNet at x's size; ValueError naming the first misfit."""
+        if not isinstance(control, (tuple, list)) or len(control) != 2 or not isinstance(control[0], (list, tuple)):
+            raise TypeError(f"control must be (down residuals: list of tensors, mid residual: tensor), "
+                            f"got {type(control).__name__}")
+        down, mid = list(control[0]), control[1]
+        B, shapes = x.shape[0], self.skip_shapes(*x.shape[-2:])
+        if len(down) != len(shapes) - 1:
+            raise ValueError(f"control has {len(down)} down residuals; this UNet has {len(shapes) - 1} skip tensors "
+                             "(a ControlNet made for another UNet?)")
+        for k, (r, (c, h, w)) in enumerate(zip([*down, mid], shapes)):
+            name = "the mid residual" if k == len(down) else f"down residual {k}"
+            if not torch.is_tensor(r) or r.ndim != 4 or tuple(r.shape[:2]) != (B, c) \
+                    or tuple(r.shape[2:]) not in ((h, w), (1, 1)):
+                got = tuple(r.shape) if torch.is_tensor(r) else type(r).__name__
+                raise ValueError(f"control: {name} must have shape ({B}, {c}, {h}, {w}) (or ({B}, {c}, 1, 1)) "
+                                 f"for x of shape {tuple(x.shape)}, got {got}")
+        return down, mid
 
     def _check_vector(self, y: torch.Tensor | None, batch: int) -> None:
         width = self._config.adm_in_channels

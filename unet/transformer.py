@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentloom.unet.attention import attention
+from latentloom.unet.token_merge import TokenMerge
 
 
 class Attention(nn.Module):
@@ -78,11 +79,19 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None,
+                merge: TokenMerge | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """x (B, N, C); merge: token merging before attn1 over the (H, W) = size token grid (ToMe)."""
         # In only-cross blocks (x4 upscaler) the first attention reads the text unmasked,
         # exactly as diffusers does; the padding mask applies to attn2.
         # Residuals added in place into the fresh Linear outputs (see ResBlock.forward).
-        x = self.attn1(self.norm1(x), context if self.only_cross else None).add_(x)
+        first_context = context if self.only_cross else None
+        if merge is None:
+            x = self.attn1(self.norm1(x), first_context).add_(x)
+        else:
+            # tomesd's metric is the block input; the residual stream keeps all N tokens
+            m = merge.match(x, height=size[0], width=size[1])
+            x = m.unmerge(self.attn1(m.merge(self.norm1(x)), first_context)).add_(x)
         x = self.attn2(self.norm2(x), context, bias).add_(x)
         return self.ff(self.norm3(x)).add_(x)  # (B, N, C)
 
@@ -107,13 +116,18 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(ch, ch)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None,
+                merge: TokenMerge | None = None) -> torch.Tensor:
+        """x (B, C, H, W); merge: token merging for the blocks' self-attention (None: exact)."""
         B, C, H, W = x.shape
         # (B, H*W, C): free for channels_last input, one copy for NCHW.
         h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)
         h = self.proj_in(h)
-        for block in self.transformer_blocks:
-            h = block(h, context, bias)
+        for i, block in enumerate(self.transformer_blocks):
+            if merge is None:
+                h = block(h, context, bias)
+            else:
+                h = block(h, context, bias, merge.child(i), (H, W))
         h = self.proj_out(h).view(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), NHWC strides
         # Residual first: the sum takes the input's memory format.
         return x + h
