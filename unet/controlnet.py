@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentloom.unet.attention import mask_to_bias
-from latentloom.unet.blocks import Downsample, ResBlock, TimestepMLP, timestep_embedding
+from latentloom.unet.blocks import Downsample, ResBlock, TimestepMLP
 from latentloom.unet.config import UNetConfig, _check_int
 from latentloom.unet.model import Level, MidBlock, UNet, _timesteps
 from latentloom.unet.transformer import SpatialTransformer
@@ -115,6 +115,7 @@ class ControlNet(nn.Module):
     set_attention_backend = UNet.set_attention_backend
     enable_gradient_checkpointing = UNet.enable_gradient_checkpointing
     guidance_embedding = UNet.guidance_embedding
+    embed = UNet.embed
     vector_conditioning = UNet.vector_conditioning
     _run = UNet._run
     _check_inputs = UNet._check_inputs
@@ -205,20 +206,7 @@ class ControlNet(nn.Module):
             control_image = control_image.flip(1)
 
         t = _timesteps(t, B, device=x.device)  # (B,) float32
-        t_emb = timestep_embedding(t, cfg.channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                   freq_shift=cfg.freq_shift)
-        cond = None
-        if guidance is not None:
-            if cfg.time_cond_proj_dim is None:
-                raise ValueError("guidance given but this ControlNet has no guidance embedding "
-                                 "(config.time_cond_proj_dim is None); it is for LCM-distilled models")
-            cond = self.guidance_embedding(_timesteps(guidance, B, device=x.device)).to(dtype)
-        emb = self.time_embedding(t_emb.to(dtype), cond)  # (B, 4 * ch0)
-        if self.class_embedding is not None:
-            emb = emb + self.class_embedding(class_labels).to(dtype)
-        if self.add_embedding is not None:
-            emb = emb + self.add_embedding(y.to(dtype))
-        emb_act = F.silu(emb)
+        emb_act = self.embed(t, dtype, guidance=guidance, class_labels=class_labels, y=y)
         bias = mask_to_bias(context_mask, dtype=dtype)  # (B, 1, 1, L) or None
 
         h = self.conv_in(x) + self.controlnet_cond_embedding(control_image)

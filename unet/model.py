@@ -203,20 +203,7 @@ class UNet(nn.Module):
 
         t = _timesteps(t, B, device=x.device)  # (B,) float32
         merge = TokenMerge.for_timestep(ratio, t) if ratio > 0 else None
-        t_emb = timestep_embedding(t, cfg.channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                   freq_shift=cfg.freq_shift)
-        cond = None
-        if guidance is not None:
-            if cfg.time_cond_proj_dim is None:
-                raise ValueError("guidance given but this UNet has no guidance embedding (config.time_cond_proj_dim "
-                                 "is None); it is for LCM-distilled UNets")
-            cond = self.guidance_embedding(_timesteps(guidance, B, device=x.device)).to(dtype)
-        emb = self.time_embedding(t_emb.to(dtype), cond)  # (B, 4 * ch0)
-        if self.class_embedding is not None:
-            emb = emb + self.class_embedding(class_labels).to(dtype)
-        if self.add_embedding is not None:
-            emb = emb + self.add_embedding(y.to(dtype))
-        emb_act = F.silu(emb)  # every ResBlock starts its embedding path with SiLU
+        emb_act = self.embed(t, dtype, guidance=guidance, class_labels=class_labels, y=y)
         bias = mask_to_bias(context_mask, dtype=dtype)  # (B, 1, 1, L) or None
 
         h = self.conv_in(x)
@@ -349,6 +336,25 @@ class UNet(nn.Module):
             got = "nothing" if y is None else f"shape {tuple(y.shape)}"
             raise ValueError(f"this UNet needs y of shape ({batch}, {width}) (SDXL: pooled text + size numbers; "
                              f"see vector_conditioning), got {got}")
+
+    def embed(self, t: torch.Tensor, dtype: torch.dtype, *, guidance=None, class_labels=None, y=None) -> torch.Tensor:
+        """The per-image embedding every ResBlock reads, after its SiLU: the timesteps t (B,) float32, plus
+        the guidance embedding (LCM), the class embedding and the vector conditioning where the config
+        has them. (B, 4 x channels[0]); shared with the ControlNet, whose encoder reads the same."""
+        cfg = self._config
+        t_emb = timestep_embedding(t, cfg.channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+        cond = None
+        if guidance is not None:
+            if cfg.time_cond_proj_dim is None:
+                raise ValueError(f"guidance given but this {type(self).__name__} has no guidance embedding "
+                                 "(config.time_cond_proj_dim is None); it is for LCM-distilled models")
+            cond = self.guidance_embedding(_timesteps(guidance, t.shape[0], device=t.device)).to(dtype)
+        emb = self.time_embedding(t_emb.to(dtype), cond)  # (B, 4 * ch0)
+        if self.class_embedding is not None:
+            emb = emb + self.class_embedding(class_labels).to(dtype)
+        if self.add_embedding is not None:
+            emb = emb + self.add_embedding(y.to(dtype))
+        return F.silu(emb)  # every ResBlock starts its embedding path with SiLU
 
     def guidance_embedding(self, w: torch.Tensor) -> torch.Tensor:
         """(B,) guidance scales -> (B, time_cond_proj_dim): w x 1000 embedded sin-then-cos with
