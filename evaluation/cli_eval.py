@@ -47,6 +47,10 @@ def register(subparsers) -> None:
                         help="token merge ratios to compare (ToMe: self-attention at the highest resolution on "
                              "(1 - R) of the tokens; default: 0, exact)")
     parser.add_argument("--batch-size", type=int, default=8, help="captions per pipeline call (default: 8)")
+    parser.add_argument("--control", default=None, metavar="CONTROLNET",
+                        help="measure this ControlNet (folder or .safetensors) instead: held-out scenes generated "
+                             "with their control maps; mask IoU of the shape with the map (large and small shapes), "
+                             "the attributes, and position when the prompt names another one (the map should win)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the full results as JSON")
     parser.set_defaults(func=run)
 
@@ -92,6 +96,12 @@ def run(args: argparse.Namespace) -> int:
     ratios = args.token_merge_ratio or [0.0]
     if any(not 0.0 <= r < 1.0 for r in ratios):  # also refuses nan
         return fail(f"--token-merge-ratio values must be in [0, 1) (0: no merging), got {ratios}")
+
+    if args.control is not None:
+        if args.clip_guidance or args.cache_interval or args.token_merge_ratio:
+            return fail("--control measures a ControlNet alone: leave out --clip-guidance, --cache-interval and "
+                        "--token-merge-ratio")
+        return run_control(args)
 
     from latentloom.evaluation.prompt_following import domain_prompts, evaluate
     from latentloom.pipelines.loading import load_pipeline
@@ -146,4 +156,57 @@ def run(args: argparse.Namespace) -> int:
 
         summary = {name: {k: v for k, v in res.items() if k != "table"} for name, res in results.items()}
         Path(args.json).write_text(json.dumps({"settings": summary, "seconds": timings}, indent=2) + "\n")
+    return 0
+
+
+def run_control(args: argparse.Namespace) -> int:
+    """`latentloom eval --control CONTROLNET`: per guidance scale, three columns: no map (the model alone,
+    the baseline), the map with the scene's own caption, the map with a caption naming another position."""
+    from latentloom.evaluation.control_following import control_cases, evaluate_control, format_control_table
+    from latentloom.pipelines.cli_common import fail
+    from latentloom.pipelines.loading import load_pipeline
+
+    try:
+        pipe = load_pipeline(args.model, controlnet=args.control)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        return fail(str(err))
+    size = int(pipe.defaults.height or 64)
+    cases = control_cases(args.captions, seed=args.caption_seed, split=args.split, size=size)
+    # more images per scene: the scene list again, with other seeds (generate's seed moves every call)
+    cases = cases * args.images_per_caption
+    guidance = args.guidance or [float(pipe.defaults.guidance_scale)]
+    results: dict[str, dict[str, Any]] = {}
+    timings: dict[str, float] = {}
+    # per guidance: the model alone (ControlNet scale 0: what the prompt gets without the map), the map
+    # with the scene's own caption, and the map with a caption naming another position
+    for g in guidance:
+        for column, scale, conflicting in (("no map", 0.0, False), ("", 1.0, False), ("conflict", 1.0, True)):
+            name = f"cfg {g:g}" + (f" {column}" if column else "")
+            calls = {"n": 0}
+
+            def generate(captions: list[str], maps: list, *, g: float = g, scale: float = scale) -> list:
+                seed = args.seed + 1000 * calls["n"]  # the same seeds in every column
+                calls["n"] += 1
+                out = pipe(captions, control_image=maps, controlnet_conditioning_scale=scale, guidance_scale=g,
+                           seed=seed, height=size, width=size, num_inference_steps=args.steps, sampler=args.sampler,
+                           progress=False)
+                return out.images
+
+            start = time.perf_counter()
+            try:
+                results[name] = evaluate_control(generate, cases, conflicting=conflicting,
+                                                 batch_size=args.batch_size)
+            except (ValueError, TypeError) as err:
+                return fail(str(err))
+            timings[name] = time.perf_counter() - start
+            print(f"{name}: {results[name]['num_images']} images in {timings[name]:.0f} s", file=sys.stderr)
+    steps = args.steps or pipe.defaults.num_inference_steps
+    print(f"model: {pipe.name}; controlnet: {args.control}; {len(cases) // args.images_per_caption} {args.split} "
+          f"one-shape scenes x {args.images_per_caption} images; steps: {steps}; "
+          f"sampler: {args.sampler or pipe.defaults.sampler}")
+    print(format_control_table(results))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps({"settings": results, "seconds": timings}, indent=2) + "\n")
     return 0

@@ -26,6 +26,9 @@ The same OUT collects every stage of a model:
   latentloom train --model upscaler --data DATA --output OUT --resolution 128 --low-resolution 64
 Fine-tune: --pretrained MODEL_FOLDER (add --lora-rank 8 to train LoRA adapters only).
 Few-step: --model lcm --pretrained TEACHER distils it into an LCM model (or, with --lora-rank, an LCM-LoRA).
+ControlNet: --model controlnet --pretrained MODEL --data DATA (metadata.jsonl with conditioning_file_name,
+  e.g. `latentloom make-shapes --control-maps`) trains a ControlNet for the frozen MODEL into OUT
+  (a ControlNetModel folder: load_pipeline(MODEL, controlnet=OUT)).
 Resume: --resume latest (or a checkpoint folder); checkpoints live in OUT/checkpoints/<model>/.
 Several processes: accelerate launch [--cpu] --num_processes N -m latentloom.training ARGS
 """
@@ -73,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(g, "--num-workers", type=int, help="DataLoader worker processes")
     _add(g, "--threads", type=int, help="torch CPU threads per process (1 is often fastest on a busy machine)")
 
-    g = parser.add_argument_group("diffusion objective (unet, upscaler)")
+    g = parser.add_argument_group("diffusion objective (unet, upscaler, controlnet)")
     _add(g, "--caption-dropout", type=float, help="probability of the empty prompt (for guidance)")
     _add(g, "--min-snr-gamma", type=float, help="min-SNR loss weighting (e.g. 5; default: off)")
     _add(g, "--x0-weighting", action="store_true",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODELS = ("unet", "vae", "clip", "upscaler", "lcm")
+MODELS = ("unet", "vae", "clip", "upscaler", "lcm", "controlnet")
 LCM_LOSSES = ("huber", "l2")
 # TrainConfig.vae value for the upscaler's weightless space-to-depth "VAE" (pixel-space diffusion)
 PIXEL_SHUFFLE = "pixel-shuffle"
@@ -150,6 +150,9 @@ class TrainConfig:
             if not 0.0 <= self.lcm_target_decay < 1.0 or self.lcm_huber_c <= 0 or self.lcm_cond_dim < 1:
                 raise ValueError(f"need lcm_target_decay in [0, 1), lcm_huber_c > 0 and lcm_cond_dim >= 1, got "
                                  f"{self.lcm_target_decay}, {self.lcm_huber_c}, {self.lcm_cond_dim}")
+        if self.model == "controlnet" and self.pretrained is None:
+            raise ValueError("model='controlnet' trains a ControlNet for a model: pass pretrained=<model folder, file "
+                             "or bundled:NAME>")
         if self.lora_rank and self.pretrained is None:
             raise ValueError("LoRA fine-tunes loaded weights: pass pretrained=<model folder> with lora_rank > 0")
         if self.x0_weighting and (self.prediction_type != "v_prediction" or self.min_snr_gamma is not None):

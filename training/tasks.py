@@ -60,6 +60,7 @@ TASKS = {
     "unet": "latentloom.training.task_unet_setup:build_unet_task",
     "upscaler": "latentloom.training.task_unet_setup:build_unet_task",
     "lcm": "latentloom.training.task_lcm:build_lcm_task",
+    "controlnet": "latentloom.training.task_controlnet:build_controlnet_task",
 }
 
 
