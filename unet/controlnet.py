@@ -20,10 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentloom.unet.attention import mask_to_bias
-from latentloom.unet.blocks import Downsample, ResBlock, TimestepMLP
 from latentloom.unet.config import UNetConfig, _check_int
-from latentloom.unet.model import Level, MidBlock, UNet, _timesteps
-from latentloom.unet.transformer import SpatialTransformer
+from latentloom.unet.model import MidBlock, UNet, _timesteps, build_down_levels, build_embeddings
 
 CHANNEL_ORDERS = ("rgb", "bgr")
 
@@ -127,36 +125,12 @@ class ControlNet(nn.Module):
             raise TypeError(f"ControlNet expects a ControlNetConfig, got {type(config).__name__}")
         self._config = cfg = config
         ch0, emb_dim = cfg.channels[0], cfg.time_embed_dim
-        res = dict(emb_dim=emb_dim, groups=cfg.norm_groups, eps=cfg.norm_eps, dropout=cfg.dropout)
         # the same modules under the same names as UNet.__init__, so UNet weights copy across
-        self.time_embedding = TimestepMLP(ch0, emb_dim, cond_dim=cfg.time_cond_proj_dim)
-        self.class_embedding = (nn.Embedding(cfg.num_class_embeds, emb_dim)
-                                if cfg.num_class_embeds is not None else None)
-        self.add_embedding = TimestepMLP(cfg.adm_in_channels, emb_dim) if cfg.adm_in_channels is not None else None
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
+        build_embeddings(self, cfg)
         self.controlnet_cond_embedding = ConditioningEmbedding(
             cfg.conditioning_channels, cfg.conditioning_embedding_out_channels, ch0)
-
-        skip_channels = [ch0]  # channels of every tensor the UNet pushes on its skip stack
-        self.down_blocks = nn.ModuleList()
-        ch = ch0
-        for i, out_ch in enumerate(cfg.channels):
-            level = Level()
-            for _ in range(cfg.layers_per_level[i]):
-                level.resnets.append(ResBlock(ch, out_ch, **res))
-                ch = out_ch
-                if cfg.attention_levels[i]:
-                    # the arguments of model._transformer (private there)
-                    level.attentions.append(SpatialTransformer(
-                        ch, heads=cfg.heads_at(i), depth=cfg.transformer_depth[i], context_dim=cfg.context_dim,
-                        groups=cfg.norm_groups, only_cross=cfg.only_cross_attention[i],
-                        upcast=cfg.upcast_attention, dropout=cfg.dropout))
-                skip_channels.append(ch)
-            level.downsamplers = nn.ModuleList()
-            if i < cfg.num_levels - 1:
-                level.downsamplers.append(Downsample(ch))
-                skip_channels.append(ch)
-            self.down_blocks.append(level)
+        # skip_channels: every tensor the UNet pushes on its skip stack
+        self.down_blocks, skip_channels = build_down_levels(cfg)
         self.mid_block = MidBlock(cfg, emb_dim=emb_dim)
 
         # zero 1x1 convs: a fresh ControlNet adds exactly nothing to the UNet

@@ -64,6 +64,39 @@ def _transformer(cfg: UNetConfig, level: int, *, only_cross: bool) -> SpatialTra
     )
 
 
+def build_embeddings(module: nn.Module, cfg: UNetConfig) -> None:
+    """The embeddings and input conv of a UNet's encoder, as `module`'s attributes under diffusers' names
+    (time_embedding, class_embedding, add_embedding, conv_in): shared by the UNet and the ControlNet."""
+    ch0, emb_dim = cfg.channels[0], cfg.time_embed_dim
+    module.time_embedding = TimestepMLP(ch0, emb_dim, cond_dim=cfg.time_cond_proj_dim)
+    module.class_embedding = nn.Embedding(cfg.num_class_embeds, emb_dim) if cfg.num_class_embeds is not None else None
+    module.add_embedding = TimestepMLP(cfg.adm_in_channels, emb_dim) if cfg.adm_in_channels is not None else None
+    module.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
+
+
+def build_down_levels(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The encoder's levels (ResBlocks, transformers, downsamplers) and the channels of every tensor
+    pushed on the skip stack, conv_in's first: shared by the UNet and the ControlNet."""
+    res = dict(emb_dim=cfg.time_embed_dim, groups=cfg.norm_groups, eps=cfg.norm_eps, dropout=cfg.dropout)
+    skip_channels = [cfg.channels[0]]
+    levels = nn.ModuleList()
+    ch = cfg.channels[0]
+    for i, out_ch in enumerate(cfg.channels):
+        level = Level()
+        for _ in range(cfg.layers_per_level[i]):
+            level.resnets.append(ResBlock(ch, out_ch, **res))
+            ch = out_ch
+            if cfg.attention_levels[i]:
+                level.attentions.append(_transformer(cfg, i, only_cross=cfg.only_cross_attention[i]))
+            skip_channels.append(ch)
+        level.downsamplers = nn.ModuleList()
+        if i < cfg.num_levels - 1:
+            level.downsamplers.append(Downsample(ch))
+            skip_channels.append(ch)
+        levels.append(level)
+    return levels, skip_channels
+
+
 class UNet(nn.Module):
     """Text-conditioned UNet: ``unet(x, t, context, *, context_mask=None, class_labels=None, y=None)``."""
 
@@ -75,28 +108,9 @@ class UNet(nn.Module):
         cfg = config
         ch0, emb_dim = cfg.channels[0], cfg.time_embed_dim
         res = dict(emb_dim=emb_dim, groups=cfg.norm_groups, eps=cfg.norm_eps, dropout=cfg.dropout)
-        self.time_embedding = TimestepMLP(ch0, emb_dim, cond_dim=cfg.time_cond_proj_dim)
-        self.class_embedding = (nn.Embedding(cfg.num_class_embeds, emb_dim)
-                                if cfg.num_class_embeds is not None else None)
-        self.add_embedding = TimestepMLP(cfg.adm_in_channels, emb_dim) if cfg.adm_in_channels is not None else None
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
-
-        skip_channels = [ch0]  # channels of every tensor pushed on the skip stack
-        self.down_blocks = nn.ModuleList()
-        ch = ch0
-        for i, out_ch in enumerate(cfg.channels):
-            level = Level()
-            for j in range(cfg.layers_per_level[i]):
-                level.resnets.append(ResBlock(ch, out_ch, **res))
-                ch = out_ch
-                if cfg.attention_levels[i]:
-                    level.attentions.append(_transformer(cfg, i, only_cross=cfg.only_cross_attention[i]))
-                skip_channels.append(ch)
-            level.downsamplers = nn.ModuleList()
-            if i < cfg.num_levels - 1:
-                level.downsamplers.append(Downsample(ch))
-                skip_channels.append(ch)
-            self.down_blocks.append(level)
+        build_embeddings(self, cfg)
+        self.down_blocks, skip_channels = build_down_levels(cfg)
+        ch = cfg.channels[-1]
 
         self.mid_block = MidBlock(cfg, emb_dim=emb_dim)
 
