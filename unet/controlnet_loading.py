@@ -19,32 +19,17 @@ from latentloom.unet.controlnet_convert import (
     CONTROL_PREFIX, diffusers_to_original, infer_config_from_original, original_to_diffusers, strip_control_prefix,
 )
 from latentloom.unet.convert import diffusers_to_ours, ours_to_diffusers
-from latentloom.unet.loading import CONFIG_NAME, _parse_config, _read_diffusers_weights, build_with_weights
+from latentloom.unet import loading as unet_loading
+from latentloom.unet.loading import CONFIG_NAME, build_with_weights
 from latentloom.weight_files import load_safetensors
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what diffusers' save_pretrained writes and reads first
 
 
 def load_from_diffusers(module_or_folder: Any, *, dtype: torch.dtype | None = None) -> ControlNet:
-    if isinstance(module_or_folder, torch.nn.Module):
-        module = module_or_folder
-        if not hasattr(module, "config") or type(module).__name__ != "ControlNetModel":
-            raise TypeError(f"expected a diffusers ControlNetModel, got {type(module).__name__}")
-        cfg = ControlNetConfig.from_diffusers_config(dict(module.config))
-        sd = diffusers_to_ours(module.state_dict(), cfg)
-        return build_with_weights(cfg, sd, source="ControlNetModel state dict", dtype=dtype, copy=True,
-                                  model_cls=ControlNet)
-    if not isinstance(module_or_folder, (str, os.PathLike)):
-        raise TypeError(f"from_diffusers takes a ControlNetModel or a folder path, "
-                        f"got {type(module_or_folder).__name__}")
-    folder = Path(module_or_folder)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        hint = " (a pipeline folder? pass its 'controlnet' subfolder)" if (folder / "controlnet").is_dir() else ""
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}{hint}")
-    cfg = _parse_config(config_path, ControlNetConfig.from_diffusers_config)
-    sd = diffusers_to_ours(_read_diffusers_weights(folder, dtype), cfg)
-    return build_with_weights(cfg, sd, source=str(folder), dtype=dtype, model_cls=ControlNet)
+    return unet_loading.load_from_diffusers(module_or_folder, dtype=dtype, config_cls=ControlNetConfig,
+                                            model_cls=ControlNet, diffusers_class="ControlNetModel",
+                                            part="controlnet")
 
 
 def save_pretrained(model: ControlNet, folder: str | os.PathLike) -> None:

@@ -54,26 +54,31 @@ def build_with_weights(cfg: UNetConfig, sd: Mapping[str, torch.Tensor], *, sourc
     return model.eval()
 
 
-def load_from_diffusers(module_or_folder: Any, *, dtype: torch.dtype | None = None) -> UNet:
+def load_from_diffusers(module_or_folder: Any, *, dtype: torch.dtype | None = None,
+                        config_cls: type = UNetConfig, model_cls: type = UNet,
+                        diffusers_class: str = "UNet2DConditionModel", part: str = "unet") -> Any:
+    """A diffusers module or folder of `diffusers_class` as latentloom's `model_cls` (the UNet, or an add-on
+    such as the ControlNet, whose config class reads diffusers' config.json); `part`: the subfolder a
+    pipeline folder keeps it in, for the hint when a pipeline folder is given."""
     if isinstance(module_or_folder, torch.nn.Module):
         module = module_or_folder
-        if not hasattr(module, "config") or type(module).__name__ != "UNet2DConditionModel":
-            raise TypeError(f"expected a diffusers UNet2DConditionModel, got {type(module).__name__}")
-        cfg = UNetConfig.from_diffusers_config(dict(module.config))
+        if not hasattr(module, "config") or type(module).__name__ != diffusers_class:
+            raise TypeError(f"expected a diffusers {diffusers_class}, got {type(module).__name__}")
+        cfg = config_cls.from_diffusers_config(dict(module.config))
         sd = diffusers_to_ours(module.state_dict(), cfg)
         return build_with_weights(cfg, sd, source=f"{type(module).__name__} state dict",
-                                  dtype=dtype, copy=True)
+                                  dtype=dtype, copy=True, model_cls=model_cls)
     if not isinstance(module_or_folder, (str, os.PathLike)):
-        raise TypeError(f"from_diffusers takes a UNet2DConditionModel or a folder path, "
+        raise TypeError(f"from_diffusers takes a {diffusers_class} or a folder path, "
                         f"got {type(module_or_folder).__name__}")
     folder = Path(module_or_folder)
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
-        hint = " (a pipeline folder? pass its 'unet' subfolder)" if (folder / "unet").is_dir() else ""
+        hint = f" (a pipeline folder? pass its '{part}' subfolder)" if (folder / part).is_dir() else ""
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}{hint}")
-    cfg = _parse_config(config_path, UNetConfig.from_diffusers_config)
+    cfg = _parse_config(config_path, config_cls.from_diffusers_config)
     sd = diffusers_to_ours(_read_diffusers_weights(folder, dtype), cfg)
-    return build_with_weights(cfg, sd, source=str(folder), dtype=dtype)
+    return build_with_weights(cfg, sd, source=str(folder), dtype=dtype, model_cls=model_cls)
 
 
 def _read_diffusers_weights(folder: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
