@@ -175,8 +175,9 @@ def _number_list(value: Any) -> list:
 _number_list.__name__ = "list of numbers"
 
 
-def _prompts(lines: list[str]) -> tuple[str, str]:
-    # as A1111 reads them: each line stripped; from a `Negative prompt:` line on, the negative prompt
+def split_prompts(lines: list[str]) -> tuple[str, str]:
+    """(prompt, negative prompt) of an infotext's lines before its settings line, as A1111 reads them: each
+    line stripped; from a `Negative prompt:` line on, the negative prompt."""
     prompt, negative, in_negative = [], [], False
     for line in lines:
         line = line.strip()
@@ -212,7 +213,7 @@ def parse_infotext(text: str) -> dict[str, Any]:
             raise ValueError
     except (TypeError, ValueError):
         raise ValueError(f"the infotext's Steps must be a whole number >= 1, got {dict(pairs)['Steps']!r}") from None
-    prompt, negative = _prompts(lines)
+    prompt, negative = split_prompts(lines)
     recipe: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative or None, "num_inference_steps": steps,
                               "task": "txt2img"}
     extra: dict[str, Any] = {}

@@ -203,42 +203,22 @@ def png_info(image_b64: Any, server) -> dict[str, Any]:
 
 
 def parse_infotext(text: str) -> dict[str, Any]:
-    """The fields of an A1111 infotext: prompt, "Negative prompt", and the "Key: value, ..." last line."""
+    """The fields of an A1111 infotext: "Prompt", "Negative prompt", and the settings line's "Key: value"
+    pairs, read by latentloom's infotext reader (A1111's rule: a last line with 3+ pairs is the settings)."""
+    from latentloom.pipelines.infotext import settings_pairs, split_prompts
+
     if not text:
         return {}
-    lines = text.strip().split("\n")
+    *lines, last = text.strip().split("\n")
+    pairs, _ = settings_pairs(last)
+    if len(pairs) < 3:  # no settings line: every line is prompt
+        lines, pairs = [*lines, last], []
     fields: dict[str, Any] = {}
-    last = lines[-1] if len(lines) > 1 and ": " in lines[-1] else ""
-    body = lines[:-1] if last else lines
-    prompt, negative, in_negative = [], [], False
-    for line in body:
-        if line.startswith("Negative prompt:"):
-            in_negative, line = True, line.removeprefix("Negative prompt:").strip()
-        (negative if in_negative else prompt).append(line)
-    fields["Prompt"] = "\n".join(prompt)
-    fields["Negative prompt"] = "\n".join(negative)
-    for part in _split_fields(last):
-        key, _, value = part.partition(": ")
-        fields[key.strip()] = value.strip().strip('"')
+    fields["Prompt"], fields["Negative prompt"] = split_prompts(lines)
+    fields.update(pairs)
     if "Size" in fields and "x" in fields["Size"]:
         fields["Size-1"], _, fields["Size-2"] = fields["Size"].partition("x")
     return fields
-
-
-def _split_fields(line: str) -> list[str]:
-    """Split "A: 1, B: "x, y", C: 3" at the commas outside quotes."""
-    parts, current, quoted = [], [], False
-    for char in line:
-        if char == '"':
-            quoted = not quoted
-        if char == "," and not quoted:
-            parts.append("".join(current).strip())
-            current = []
-        else:
-            current.append(char)
-    if "".join(current).strip():
-        parts.append("".join(current).strip())
-    return [p for p in parts if ": " in p]
 
 
 def progress_state(server, *, skip_current_image: bool = False) -> dict[str, Any]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from latentloom.pipelines.infotext import A1111_SAMPLERS
+
 
 @dataclass(frozen=True)
 class SamplerName:
@@ -11,20 +13,15 @@ class SamplerName:
     sampler: str  # latentloom's
 
 
-# A1111's names (sd_samplers_kdiffusion / sd_samplers_timesteps) for the solvers latentloom has; latentloom's own
-# names are accepted too
-SAMPLER_NAMES = (
-    SamplerName("DPM++ 2M", ("k_dpmpp_2m",), "dpmpp_2m"),
-    SamplerName("DPM++ 2M SDE", ("k_dpmpp_2m_sde",), "dpmpp_2m_sde"),
-    SamplerName("Euler a", ("k_euler_a", "k_euler_ancestral"), "euler_a"),
-    SamplerName("Euler", ("k_euler",), "euler"),
-    SamplerName("Heun", ("k_heun",), "heun"),
-    SamplerName("DDIM", ("ddim",), "ddim"),
-    SamplerName("DDPM", ("ddpm",), "ddpm"),
-    SamplerName("UniPC", ("unipc",), "unipc"),
-    SamplerName("LCM", ("k_lcm", "lcm"), "lcm"),
-    SamplerName("TCD", ("tcd",), "tcd"),
-)
+# A1111's aliases (sd_samplers_kdiffusion / sd_samplers_timesteps) for the solvers latentloom has, in the order
+# /sdapi/v1/samplers lists them; the display names are the infotext's (pipelines.infotext.A1111_SAMPLERS), and
+# latentloom's own names are accepted too
+_ALIASES = {
+    "dpmpp_2m": ("k_dpmpp_2m",), "dpmpp_2m_sde": ("k_dpmpp_2m_sde",), "euler_a": ("k_euler_a", "k_euler_ancestral"),
+    "euler": ("k_euler",), "heun": ("k_heun",), "ddim": ("ddim",), "ddpm": ("ddpm",), "unipc": ("unipc",),
+    "lcm": ("k_lcm", "lcm"), "tcd": ("tcd",),
+}
+SAMPLER_NAMES = tuple(SamplerName(A1111_SAMPLERS[sampler], aliases, sampler) for sampler, aliases in _ALIASES.items())
 
 # A1111 scheduler name -> (label, karras_sigmas): "automatic" keeps the model's own sigma spacing
 SCHEDULERS = {"automatic": ("Automatic", None), "karras": ("Karras", True)}
@@ -79,7 +76,4 @@ def schedulers_listing() -> list[dict]:
 
 def a1111_sampler_name(sampler: str) -> str:
     """latentloom's sampler name -> A1111's display name (for echoing recipes)."""
-    for entry in SAMPLER_NAMES:
-        if entry.sampler == sampler:
-            return entry.name
-    return sampler
+    return A1111_SAMPLERS.get(sampler, sampler)
