@@ -23,6 +23,8 @@ No shape in a "train" scene is a held-out triple; the first-named shape of every
 
 Control maps (`render_control_map`, `make-shapes --control-maps`): each scene's shapes as white
 silhouettes on black, drawn from the same geometry as the image, for training a ControlNet.
+`--conflict-captions F` then re-captions a fraction F of the one-shape scenes with another
+position than the map's (`conflicting_captions`), so the ControlNet learns that the map wins.
 
 Determinism: item ``i`` of ``make_dataset(n, seed=s, split=...)`` depends only on
 (s, split, i), so a longer dataset extends a shorter one, and the PNG bytes are identical
@@ -35,7 +37,7 @@ import math
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -443,11 +445,39 @@ def check_dataset_size(size: object) -> int:
 
 
 CONDITIONING_FOLDER = "conditioning"
+# the positions a conflicting caption may name instead of the map's: the opposite side first,
+# then the others in POSITIONS order (a fixed order, as rng.choice needs)
+_OTHER_POSITIONS: dict[str, tuple[str, ...]] = {
+    p: tuple(q for q in dict.fromkeys((OPPOSITE.get(p), *POSITIONS)) if q not in (None, p)) for p in POSITIONS}
+
+
+def conflicting_captions(scenes: list[SceneSpec], fraction: float, *, seed: int) -> list[tuple[str, int]]:
+    """Which rows to re-caption so that the caption disagrees with the map, and with what.
+
+    `scenes`: the rows' scenes in dataset order. Each one-shape scene is picked with probability
+    `fraction` and gets a caption that names another position (any of the other four, never one
+    that would make a held-out triple, so eval captions stay unseen), in a random phrasing.
+    Returns [(new caption, row index)]. One `random.Random(seed)` walks the rows in order, so a
+    longer dataset extends a shorter one, as the images do.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"conflict_captions must be a fraction in [0, 1], got {fraction!r}")
+    rng = random.Random(seed)
+    changed = []
+    for index, scene in enumerate(scenes):
+        if len(scene.shapes) != 1 or not rng.random() < fraction:
+            continue
+        shape = scene.shapes[0]
+        allowed = [p for p in _OTHER_POSITIONS[shape.position] if (shape.color, shape.shape, p) not in HELDOUT_COMBOS]
+        moved = SceneSpec(shapes=(replace(shape, position=rng.choice(allowed)),),
+                          background=scene.background)
+        changed.append((caption(moved, phrasing=rng.randrange(NUM_PHRASINGS)), index))
+    return changed
 
 
 def write_dataset(
     folder: str | os.PathLike, n: int, *, seed: int, split: str = "train", size: int = CANVAS,
-    control_maps: bool = False,
+    control_maps: bool = False, conflict_captions: float = 0.0,
 ) -> Path:
     """Write `n` PNGs and a `metadata.jsonl` (file_name, text, scene) into `folder`.
 
@@ -459,6 +489,10 @@ def write_dataset(
     and name it in the row's ``conditioning_file_name`` (diffusers' train_controlnet.py layout).
     Without it the files are exactly those written before the option existed.
 
+    `conflict_captions`: with `control_maps`, the fraction of one-shape scenes whose caption
+    names another position than the map's (`conflicting_captions`); the row's ``scene`` stays
+    the drawn one. 0 (the default) changes nothing.
+
     Every file is written to a temporary name and renamed, and `metadata.jsonl` last, so a
     crash never leaves a metadata file that points at missing or half-written images.
     Refuses a folder that already holds a metadata.jsonl (no silent overwrite).
@@ -467,13 +501,16 @@ def write_dataset(
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     check_dataset_size(size)
+    if conflict_captions and not control_maps:
+        raise ValueError(f"conflict_captions={conflict_captions!r} needs control_maps=True: without a map "
+                         "there is nothing for the caption to conflict with")
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "metadata.jsonl"
     if meta_path.exists():
         raise FileExistsError(f"{meta_path} already exists; write into an empty folder or remove it")
     width = max(5, len(str(n - 1)))
-    lines = []
+    rows = []
     for i in range(n):
         image, text, scene = make_item(i, seed=seed, split=split, size=size)
         name = f"{split}_{i:0{width}d}.png"
@@ -484,7 +521,11 @@ def write_dataset(
             row["conditioning_file_name"] = f"{CONDITIONING_FOLDER}/{name}"
             write_atomic(out / row["conditioning_file_name"], lambda tmp, im=control: im.save(tmp, format="PNG"),
                          fsync=False)
-        lines.append(json.dumps({**row, "scene": scene_to_dict(scene)}))
+        rows.append((row, scene))
+    if conflict_captions:
+        for text, i in conflicting_captions([scene for _, scene in rows], conflict_captions, seed=seed):
+            rows[i][0]["text"] = text
+    lines = [json.dumps({**row, "scene": scene_to_dict(scene)}) for row, scene in rows]
     payload = ("\n".join(lines) + "\n").encode()
     write_bytes_atomic(meta_path, payload, fsync=False)
     return out

@@ -230,6 +230,42 @@ def test_make_shapes_without_the_flag_writes_what_it_always_wrote(tmp_path):
         assert (maps / a["file_name"]).read_bytes() == (plain / a["file_name"]).read_bytes()
 
 
+def test_conflict_captions_name_another_position_and_nothing_else_changes(tmp_path, capsys):
+    n = 200
+    assert main(["make-shapes", "--out", str(tmp_path / "c"), "--n", str(n), "--seed", "0", "--control-maps",
+                 "--conflict-captions", "0.5"]) == 0
+    assert "0.5 of the one-shape captions name another position" in capsys.readouterr().out
+    plain, conflict = rows(ss.write_dataset(tmp_path / "p", n, seed=0, control_maps=True)), rows(tmp_path / "c")
+    one_shape = changed = 0
+    for a, b in zip(plain, conflict):
+        assert {k: v for k, v in a.items() if k != "text"} == {k: v for k, v in b.items() if k != "text"}
+        assert (tmp_path / "c" / b["file_name"]).read_bytes() == (tmp_path / "p" / a["file_name"]).read_bytes()
+        scene = ss.scene_from_dict(a["scene"])
+        one_shape += len(scene.shapes) == 1
+        if a["text"] == b["text"]:
+            continue
+        changed += 1
+        assert len(scene.shapes) == 1  # two-shape scenes keep their caption
+        said, drawn = ss.parse_caption(b["text"]).shapes[0], scene.shapes[0]
+        assert (said.color, said.shape, said.size) == (drawn.color, drawn.shape, drawn.size)
+        assert said.position != drawn.position
+        assert (said.color, said.shape, said.position) not in ss.HELDOUT_COMBOS  # eval captions stay unseen
+    assert 0.35 * one_shape < changed < 0.65 * one_shape
+    # the first 200 rows of the data the bundled ControlNet was trained on (weights/README.md): its
+    # command must keep writing them
+    digest = hashlib.sha256((tmp_path / "c" / "metadata.jsonl").read_bytes()).hexdigest()
+    assert digest == "0d0db28e2e53026eb7d428a4e091129687c907bfbf87f47c330ae304f78ef004"
+    # a longer dataset extends a shorter one, captions included
+    shorter = rows(ss.write_dataset(tmp_path / "s", 50, seed=0, control_maps=True, conflict_captions=0.5))
+    assert [r["text"] for r in shorter] == [r["text"] for r in conflict[:50]]
+
+
+@pytest.mark.parametrize("fraction, control_maps, message", [
+    (1.5, True, r"fraction in \[0, 1\], got 1.5"), (-0.1, True, "got -0.1"), (0.5, False, "needs control_maps"),
+])
+def test_conflict_captions_errors_name_the_value(tmp_path, fraction, control_maps, message):
+    with pytest.raises(ValueError, match=message):
+        ss.write_dataset(tmp_path / "x", 4, seed=0, control_maps=control_maps, conflict_captions=fraction)
 # ------------------------------------------------------------------ the training dataset
 
 

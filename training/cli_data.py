@@ -31,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also write a ControlNet control map per image: the shapes' silhouettes in white on black, "
         "in conditioning/NAME.png, named by each row's conditioning_file_name (diffusers' train_controlnet layout)",
     )
+    p.add_argument(
+        "--conflict-captions", type=float, default=0.0, metavar="FRACTION",
+        help="with --control-maps: re-caption this fraction of the one-shape images with another position than "
+        "the map's, so a ControlNet trained on it learns that the map wins (default 0: every caption matches)",
+    )
     p.set_defaults(func=_make_shapes)
 
 
@@ -40,12 +45,14 @@ def _make_shapes(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         out = write_dataset(args.out, args.n, seed=args.seed, split=args.split, size=args.size,
-                            control_maps=args.control_maps)
+                            control_maps=args.control_maps, conflict_captions=args.conflict_captions)
     except (ValueError, FileExistsError) as e:
         print(f"latentloom make-shapes: error: {e}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
     maps = " with control maps" if args.control_maps else ""
+    if args.conflict_captions:
+        maps += f" ({args.conflict_captions:g} of the one-shape captions name another position)"
     rate = args.n / max(seconds, 1e-9)
     print(f"wrote {args.n} {args.split} images ({args.size}x{args.size}){maps} to {out} in {seconds:.1f} s "
           f"({rate:.0f} images/s)")
