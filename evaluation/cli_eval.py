@@ -48,7 +48,7 @@ def register(subparsers) -> None:
                              "(1 - R) of the tokens; default: 0, exact)")
     parser.add_argument("--batch-size", type=int, default=8, help="captions per pipeline call (default: 8)")
     parser.add_argument("--control", default=None, metavar="CONTROLNET",
-                        help="measure this ControlNet (folder or .safetensors) instead: held-out scenes generated "
+                        help="measure this ControlNet (folder, .safetensors, or bundled:controlnet) instead: held-out scenes generated "
                              "with their control maps; mask IoU of the shape with the map (large and small shapes), "
                              "the attributes, and position when the prompt names another one (the map should win)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the full results as JSON")

@@ -104,8 +104,10 @@ def add_control_arguments(parser: argparse.ArgumentParser) -> None:
     once per ControlNet in order, and --guess-mode (generate, img2img, inpaint)."""
     group = parser.add_argument_group("ControlNet (repeat the set once per ControlNet, in order)")
     group.add_argument("--controlnet", action="append", default=None, metavar="PATH",
-                       help="a diffusers ControlNetModel folder or an original .safetensors file (a model folder "
-                            "saved with its ControlNet brings it along)")
+                       help="a diffusers ControlNetModel folder, an original .safetensors file, or "
+                            "bundled:controlnet (the bundled model's, for silhouette maps; used by default when the "
+                            "bundled model gets --control-image); a model folder saved with its ControlNet brings it "
+                            "along")
     group.add_argument("--control-image", action="append", default=None, metavar="FILE",
                        help="the control map for that ControlNet, of the output's size (not resized)")
     group.add_argument("--control-scale", action="append", type=float, default=None, metavar="S",
@@ -181,8 +183,12 @@ def load(args: argparse.Namespace):
 
 def load_model(args: argparse.Namespace, *, device: Any = None):
     from latentloom.pipelines.loading import load_pipeline
+    from latentloom.weights import BUNDLED_CONTROLNET, CONTROLNET_BASES
 
     model = args.model if args.model is not None else getattr(args, "default_model", BUNDLED)
+    if (getattr(args, "control_image", None) and getattr(args, "controlnet", None) is None
+            and model in {f"bundled:{name}" for name in CONTROLNET_BASES}):
+        args.controlnet = [BUNDLED_CONTROLNET]  # the bundled model's own ControlNet (the recipe names it)
     return load_pipeline(model, device=args.device or device, dtype=args.dtype, tokenizer=args.tokenizer,
                          compile=getattr(args, "compile", False), controlnet=getattr(args, "controlnet", None))
 

@@ -30,7 +30,7 @@ class AttachedControlNet:
     """A ControlNet in a pipeline, with what recipes record of it."""
 
     model: Any  # latentloom.unet.ControlNet
-    name: str  # absolute path of its folder or file ("in-memory" for a module passed in)
+    name: str  # absolute path of its folder or file, "bundled:controlnet", or "in-memory" for a module passed in
     weights_hash: str  # first 10 hex digits of the SHA-256 of its weight file ("unknown" in memory)
 
 
@@ -44,8 +44,8 @@ def _files_hash(paths: list[Path]) -> str:
 
 
 def load_controlnet(source: Any, *, dtype: torch.dtype | None = None) -> AttachedControlNet:
-    """A ControlNet from a diffusers ControlNetModel folder, an original single file (.safetensors), a
-    latentloom ControlNet or a diffusers ControlNetModel module."""
+    """A ControlNet from a diffusers ControlNetModel folder, an original single file (.safetensors),
+    "bundled:controlnet" (the bundled model's), a latentloom ControlNet or a diffusers ControlNetModel module."""
     from latentloom.unet import ControlNet
 
     if isinstance(source, ControlNet):
@@ -55,14 +55,22 @@ def load_controlnet(source: Any, *, dtype: torch.dtype | None = None) -> Attache
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"controlnet must be a path (a ControlNetModel folder or a .safetensors file), a ControlNet, "
                         f"or a list of them; got {type(source).__name__}")
+    if isinstance(source, str) and source.startswith("bundled:"):
+        from latentloom.weights import BUNDLED_CONTROLNET, bundled_controlnet_dir
+
+        if source != BUNDLED_CONTROLNET:
+            raise ValueError(f"unknown bundled ControlNet {source!r}; the bundled one is {BUNDLED_CONTROLNET!r}")
+        folder = bundled_controlnet_dir()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{BUNDLED_CONTROLNET} is not in this install (expected {folder}/config.json)")
+        return _from_folder(folder, source, dtype=dtype)
     path = Path(source).resolve()
     if path.is_dir():
         if not (path / "config.json").is_file():
             hint = " (a pipeline folder: its ControlNet loads with it)" if (path / "model_index.json").is_file() else ""
             raise FileNotFoundError(f"controlnet {str(source)!r} is a folder without config.json, so not a "
                                     f"diffusers ControlNetModel folder{hint}")
-        model = ControlNet.from_diffusers(path, dtype=dtype)
-        return AttachedControlNet(model, str(path), _files_hash(sorted(path.glob("*.safetensors"))[:1]))
+        return _from_folder(path, str(path), dtype=dtype)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ValueError(f"controlnet {str(source)!r}: only .safetensors single files are read (pickle files "
@@ -70,6 +78,13 @@ def load_controlnet(source: Any, *, dtype: torch.dtype | None = None) -> Attache
         return AttachedControlNet(ControlNet.from_single_file(path, dtype=dtype), str(path), _files_hash([path]))
     raise FileNotFoundError(f"no ControlNet at {str(source)!r}: give a diffusers ControlNetModel folder or an "
                             "original .safetensors file")
+
+
+def _from_folder(folder: Path, name: str, *, dtype: torch.dtype | None) -> AttachedControlNet:
+    from latentloom.unet import ControlNet
+
+    model = ControlNet.from_diffusers(folder, dtype=dtype)
+    return AttachedControlNet(model, name, _files_hash(sorted(folder.glob("*.safetensors"))[:1]))
 
 
 def folder_controlnets(folder: Path, index: dict[str, Any], *, dtype: torch.dtype | None = None) -> list:
