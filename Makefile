@@ -49,7 +49,8 @@ install-dev: $(VENV)/.installed-dev
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
-# The main job on the bundled model: a handful of prompts into demo/, offline.
+# The main job on the bundled model: a handful of prompts into demo/, offline; one 128-px upscale;
+# one image steered by a control map (the bundled ControlNet puts the star where docs/control-map.png does).
 DEMO_PROMPTS = "a red circle on a blue background" \
 	"a large yellow star in the center of a black background" \
 	"a small green square on the left" \
@@ -65,6 +66,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/latentloom generate $(DEMO_PROMPTS) --seed 0 --no-progress --output demo/shapes.png
 	$(VENV)/bin/latentloom upscale "a large yellow star in the center of a black background" \
 		--image demo/shapes-1.png --seed 0 --no-progress --output demo/shapes-1-128px.png
+	$(VENV)/bin/latentloom generate "a large orange star on a blue background" \
+		--control-image docs/control-map.png --seed 0 --no-progress --output demo/controlled-star.png
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo
