@@ -111,7 +111,8 @@ def add_control_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--control-image", action="append", default=None, metavar="FILE",
                        help="the control map for that ControlNet, of the output's size (not resized)")
     group.add_argument("--control-scale", action="append", type=float, default=None, metavar="S",
-                       help="how strongly it steers (default 1.0; one value for all, or one per ControlNet)")
+                       help="how strongly it steers (one value for all, or one per ControlNet; default as diffusers': "
+                            "1.0 for generate, 0.8 for img2img, 0.5 for inpaint)")
     group.add_argument("--control-start", action="append", type=float, default=None, metavar="A",
                        help="fraction of the steps where it starts acting (default 0.0)")
     group.add_argument("--control-end", action="append", type=float, default=None, metavar="B",

@@ -61,7 +61,7 @@ def inpaint(
     cache_interval: int | None = None,
     token_merge_ratio: float | None = None,
     control_image: Any = None,
-    controlnet_conditioning_scale: float | list[float] = 1.0,
+    controlnet_conditioning_scale: float | list[float] = 0.5,  # diffusers' default for this task
     control_guidance_start: float | list[float] = 0.0,
     control_guidance_end: float | list[float] = 1.0,
     guess_mode: bool = False,

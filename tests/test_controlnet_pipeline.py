@@ -112,6 +112,22 @@ def test_img2img_same_images_as_diffusers(models, ours_one, sampler):
     close(got, expected, f"controlnet img2img {sampler}")
 
 
+def test_img2img_default_scale_is_diffusers(models, ours_one):
+    """No controlnet_conditioning_scale: both take their img2img default (0.8), which differs from 1.0."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    ref = use_scheduler(StableDiffusionControlNetImg2ImgPipeline(**models["one"].components), "ddim")
+    args = dict(ARGS, prompt="a red circle", negative_prompt="blurry", strength=0.75, num_inference_steps=4)
+    call = dict(image=picture(seed=4), control_image=picture(seed=5), output_type="np")
+    expected = ref(generator=torch.Generator().manual_seed(3), **call, **args).images
+    got = ours_one.img2img(sampler="ddim", generator=torch.Generator().manual_seed(3), progress=False, **call,
+                           **args).images
+    close(got, expected, "controlnet img2img default scale")
+    at_one = ours_one.img2img(sampler="ddim", generator=torch.Generator().manual_seed(3), progress=False,
+                              controlnet_conditioning_scale=1.0, **call, **args).images
+    assert np.abs(at_one - got).mean() > 1e-3
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_inpaint_same_images_as_diffusers(models, ours_one, sampler):
     from diffusers import StableDiffusionControlNetInpaintPipeline
@@ -120,9 +136,8 @@ def test_inpaint_same_images_as_diffusers(models, ours_one, sampler):
     mask = np.zeros((32, 32), dtype=np.uint8)
     mask[8:24, 4:20] = 255
     mask = Image.fromarray(mask)
-    # diffusers' inpaint default scale is 0.5 (img2img's 0.8); latentloom's is 1.0 everywhere: say it
-    args = dict(ARGS, prompt="a red circle", negative_prompt="blurry", strength=1.0, guess_mode=True,
-                controlnet_conditioning_scale=0.5)
+    # no scale given: the default (0.5 for inpainting, as diffusers') must agree too
+    args = dict(ARGS, prompt="a red circle", negative_prompt="blurry", strength=1.0, guess_mode=True)
     expected = ref(image=picture(seed=6), mask_image=mask, control_image=picture(seed=7),
                    generator=torch.Generator().manual_seed(1), output_type="np", **args).images
     got = ours_one.inpaint(image=picture(seed=6), mask_image=mask, control_image=picture(seed=7), paste_back=False,
