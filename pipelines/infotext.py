@@ -258,6 +258,10 @@ def parse_infotext(text: str) -> dict[str, Any]:
     if extra:
         recipe["a1111_extra"] = extra
         notes.append(f"settings latentloom does not use, kept under a1111_extra: {', '.join(extra)}")
+    units = [f"{key} ({value})" for key, value in extra.items() if re.fullmatch(r"ControlNet \d+", key)]
+    if units:  # sd-webui-controlnet's units: no control image is recorded, so they cannot be replayed
+        notes.append(f"made with ControlNet, which an infotext cannot replay (it records no control image): "
+                     f"{'; '.join(units)}; give --controlnet PATH --control-image FILE to use one")
     if leftovers:
         notes.append(f"parts of the settings line that are no `Key: value` pair: {leftovers}")
     recipe["a1111_infotext"] = text

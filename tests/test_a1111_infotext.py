@@ -173,6 +173,15 @@ def test_schedule_and_sampler_latentloom_lacks_are_reported_not_dropped():
     assert any("no sampler like A1111's 'DPM++ SDE Karras'" in n and "DPM++ 2M" in n for n in notes)
 
 
+def test_controlnet_units_are_kept_and_named_as_not_replayed():
+    unit = 'Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 1.0, Guidance End: 1.0'
+    text = f'a house\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, ControlNet 0: "{unit}"'
+    recipe, notes = parse_quietly(text)
+    assert recipe["a1111_extra"] == {"ControlNet 0": unit} and "controlnets" not in recipe
+    assert any("made with ControlNet" in n and f"ControlNet 0 ({unit})" in n
+               and "give --controlnet PATH --control-image FILE" in n for n in notes)
+
+
 def test_odd_infotexts_give_clear_errors_or_warnings():
     for text, match in [("", "empty"), ("just a prompt", "no settings line"),
                         ("a\nNegative prompt: b", "no settings line"),
