@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 # latentloom sampler -> A1111's display name. A1111 itself has no DDPM (Forge does) and no TCD (the
@@ -106,6 +107,8 @@ def infotext(recipe: dict[str, Any]) -> str:
         if key == "cache_interval" and value == 1:
             value = None
         pairs.append((label, value))
+    for k, unit in enumerate(recipe.get("controlnets") or []):
+        pairs.append((f"ControlNet {k}", controlnet_unit(unit)))
     if recipe.get("latentloom_version"):
         pairs.append(("Version", f"latentloom {recipe['latentloom_version']}"))
     settings = ", ".join(f"{k}: {quote(_number(v))}" for k, v in pairs if v is not None)
@@ -113,6 +116,17 @@ def infotext(recipe: dict[str, Any]) -> str:
     negative_line = f"\nNegative prompt: {negative}" if negative else ""
     # A1111 strips the whole text, so an empty prompt leaves just the settings line
     return f"{recipe.get('prompt') or ''}{negative_line}\n{settings}".strip()
+
+
+def controlnet_unit(unit: dict[str, Any]) -> str:
+    """A recipe's ControlNet as sd-webui-controlnet's unit text (its model as file stem [8-hex hash], as
+    A1111 names models; no preprocessor ran on the map, so Module is none)."""
+    model = str(unit.get("model", ""))
+    name = model if model.startswith("bundled:") or model == "in-memory" else Path(model).stem
+    digest = str(unit.get("model_hash", ""))[:8]
+    label = f"{name} [{digest}]" if digest and digest != "unknown" else name
+    return (f"Module: none, Model: {label}, Weight: {_number(unit.get('scale'))}, "
+            f"Guidance Start: {_number(unit.get('start'))}, Guidance End: {_number(unit.get('end'))}")
 
 
 def _value(line: str, pos: int) -> tuple[Any, int]:

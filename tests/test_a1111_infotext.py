@@ -182,6 +182,22 @@ def test_controlnet_units_are_kept_and_named_as_not_replayed():
                and "give --controlnet PATH --control-image FILE" in n for n in notes)
 
 
+def test_controlnets_are_written_as_sd_webui_controlnet_units():
+    recipe = {"prompt": "a house", "num_inference_steps": 20, "sampler": "euler_a", "guidance_scale": 7.0, "seed": 1,
+              "controlnets": [
+                  {"model": "/models/control_v11p_sd15_canny.safetensors", "model_hash": "d14c016b9f", "scale": 0.8,
+                   "start": 0.0, "end": 0.5, "image": "/x/edges.png", "image_sha256": "0" * 64},
+                  {"model": "bundled:controlnet", "model_hash": "a32e71c72b", "scale": 1.0, "start": 0.25,
+                   "end": 1.0}]}
+    text = infotext(recipe)
+    assert ('ControlNet 0: "Module: none, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.8, '
+            'Guidance Start: 0, Guidance End: 0.5"') in text
+    assert 'ControlNet 1: "Module: none, Model: bundled:controlnet [a32e71c7], Weight: 1, Guidance Start: 0.25' in text
+    parsed, notes = parse_quietly(text)  # read back: kept, and named as not replayed
+    assert set(parsed["a1111_extra"]) == {"ControlNet 0", "ControlNet 1"}
+    assert parsed["seed"] == 1 and any("made with ControlNet" in n for n in notes)
+
+
 def test_odd_infotexts_give_clear_errors_or_warnings():
     for text, match in [("", "empty"), ("just a prompt", "no settings line"),
                         ("a\nNegative prompt: b", "no settings line"),
