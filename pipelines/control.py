@@ -225,29 +225,35 @@ class Control:
                        for img, a in zip(self.images, self.nets)]  # (B, 3, H, W), prompt-major
 
     def start(self, steps: int, calls_per_step: int) -> None:
-        """A sampler run of `steps` steps begins (the steps control_guidance_start / end are fractions of)."""
+        """A sampler run of `steps` steps begins (control_guidance_start / end are fractions of its UNet calls)."""
         self.steps, self.calls_per_step, self._done, self._since = max(1, steps), calls_per_step, None, 0
+
+    @property
+    def calls(self) -> int:
+        """UNet calls of the run, as diffusers counts its timesteps: Heun's N steps make 2N - 1 (the last
+        step, to sigma 0, is one Euler call)."""
+        return self.steps * self.calls_per_step - (self.calls_per_step - 1)
 
     def step_done(self, i: int) -> None:
         """Step i made its first UNet call (the sampler's per-step callback ran)."""
         self._done, self._since = int(i), 0
 
-    def _step(self) -> int:
-        # the calls of one step (Heun's two) share its index, as step caching counts them
+    def _call_index(self) -> int:
+        # step i's first call is call i * calls_per_step; this call follows the one the callback reported
         if self._done is None:
             return 0
-        step = self._done + (0 if self._since < self.calls_per_step - 1 else 1)
+        index = self._done * self.calls_per_step + 1 + min(self._since, self.calls_per_step - 1)
         self._since += 1
-        return step
+        return index
 
-    def keep(self, step: int) -> list[float]:
-        """diffusers' controlnet_keep for step i of N, per ControlNet."""
-        n = self.steps
-        return [1.0 - float(step / n < s or (step + 1) / n > e) for s, e in zip(self.starts, self.ends)]
+    def keep(self, index: int) -> list[float]:
+        """diffusers' controlnet_keep for UNet call `index` of the run, per ControlNet."""
+        n = self.calls
+        return [1.0 - float(index / n < s or (index + 1) / n > e) for s, e in zip(self.starts, self.ends)]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]):
         """The summed residuals (down list, mid) for this UNet call, or None when no ControlNet acts."""
-        scales = [s * k for s, k in zip(self.scales, self.keep(self._step()))]
+        scales = [s * k for s, k in zip(self.scales, self.keep(self._call_index()))]
         if not any(scales):
             return None
         B = x.shape[0]

@@ -96,7 +96,7 @@ def image_to_image(
     `denoising_end=f, output_type="latent"`; the refiner runs the schedule's steps below the cut from
     it, adding no noise (strength is not used; see `pipelines.handoff`). `control_image` and the other
     control arguments: as `text_to_image` (diffusers' StableDiffusionControlNetImg2ImgPipeline); the control
-    image must have `image`'s size, and control_guidance_start / end are fractions of the steps strength runs.
+    image must have `image`'s size, and control_guidance_start / end are fractions of the UNet calls strength runs.
     """
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,

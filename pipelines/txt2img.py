@@ -100,7 +100,8 @@ def text_to_image(
     `control_image`, with ControlNets loaded (`load_pipeline(model, controlnet=...)`): the control map(s),
     one per ControlNet in order (each an image, a path, or a list of one per prompt), RGB in [0, 1] at the
     output's size (never resized); `controlnet_conditioning_scale`, `control_guidance_start` / `_end`
-    (fractions of the steps run) and `guess_mode` as diffusers' ControlNet pipelines (`pipelines.control`).
+    (fractions of the run's UNet calls: its steps, 2N - 1 for Heun) and `guess_mode` as diffusers' ControlNet
+    pipelines (`pipelines.control`).
     Without height / width, a control image sets the size, as diffusers'.
     """
     call = parse_call(pipe, prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,

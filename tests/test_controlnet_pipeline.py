@@ -84,6 +84,17 @@ def test_txt2img_same_images_as_diffusers(models, ours_one, sampler):
     assert np.abs(off - expected).mean() > 1e-2  # the control matters
 
 
+@pytest.mark.parametrize("window", [(0.0, 0.5), (0.3, 1.0)])
+def test_heun_windows_count_unet_calls_as_diffusers(models, ours_one, window):
+    """diffusers' start / end are fractions of its timesteps, which for Heun are UNet calls (2N - 1)."""
+    ref = use_scheduler(models["one"], "heun")
+    args = dict(ARGS, control_guidance_start=window[0], control_guidance_end=window[1], num_inference_steps=4)
+    expected = ref(image=picture(seed=3), generator=torch.Generator().manual_seed(0), output_type="np", **args).images
+    got = ours_one(control_image=picture(seed=3), sampler="heun", generator=torch.Generator().manual_seed(0),
+                   output_type="np", progress=False, **args).images
+    close(got, expected, f"controlnet heun window {window}")
+
+
 @pytest.mark.parametrize("guess_mode", [False, True])
 def test_several_controlnets_with_own_scales_and_windows(models, guess_mode):
     ref = use_scheduler(models["two"], "dpmpp_2m")
