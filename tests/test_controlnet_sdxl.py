@@ -1,6 +1,6 @@
 """SDXL ControlNets: a folder saved by diffusers' StableDiffusionXLControlNetPipeline (tiny components,
 zero convs made non-zero so the control matters) loads with its ControlNet and gives diffusers' images
-in txt2img and img2img."""
+in txt2img, img2img and inpainting."""
 import numpy as np
 import pytest
 import torch
@@ -61,3 +61,21 @@ def test_sdxl_img2img_same_images_as_diffusers(models):
     got = ours.img2img(image=picture(SIZE, seed=4), control_image=picture(SIZE, seed=5), sampler="dpmpp_2m",
                        generator=torch.Generator().manual_seed(2), output_type="np", progress=False, **args).images
     close(got, expected, "sdxl controlnet img2img")
+
+
+def test_sdxl_inpaint_same_images_as_diffusers(models):
+    from diffusers import StableDiffusionXLControlNetInpaintPipeline
+    from PIL import Image
+
+    ref_txt, ours = models
+    ref = use_scheduler(StableDiffusionXLControlNetInpaintPipeline(**ref_txt.components), "dpmpp_2m")
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[8:24, 4:20] = 255
+    mask = Image.fromarray(mask)
+    args = dict(ARGS, strength=1.0, num_inference_steps=4)
+    expected = ref(image=picture(SIZE, seed=6), mask_image=mask, control_image=picture(SIZE, seed=7),
+                   generator=torch.Generator().manual_seed(1), output_type="np", **args).images
+    got = ours.inpaint(image=picture(SIZE, seed=6), mask_image=mask, control_image=picture(SIZE, seed=7),
+                       paste_back=False, sampler="dpmpp_2m", generator=torch.Generator().manual_seed(1),
+                       output_type="np", progress=False, **args).images
+    close(got, expected, "sdxl controlnet inpaint")
