@@ -75,16 +75,27 @@ def load_controlnet(source: Any, *, dtype: torch.dtype | None = None) -> Attache
         if path.suffix != ".safetensors":
             raise ValueError(f"controlnet {str(source)!r}: only .safetensors single files are read (pickle files "
                              "can run code); convert it first")
-        return AttachedControlNet(ControlNet.from_single_file(path, dtype=dtype), str(path), _files_hash([path]))
+        return AttachedControlNet(ControlNet.from_single_file(path, dtype=dtype), str(path),
+                                  _files_hash([weights_file(path)]))
     raise FileNotFoundError(f"no ControlNet at {str(source)!r}: give a diffusers ControlNetModel folder or an "
                             "original .safetensors file")
+
+
+def weights_file(path: Path) -> Path | None:
+    """The file whose SHA-256 names a ControlNet in recipes (and in serve's model list): a single file
+    itself, a folder's first *.safetensors (None: it has none)."""
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        return files[0] if files else None
+    return path
 
 
 def _from_folder(folder: Path, name: str, *, dtype: torch.dtype | None) -> AttachedControlNet:
     from latentloom.unet import ControlNet
 
     model = ControlNet.from_diffusers(folder, dtype=dtype)
-    return AttachedControlNet(model, name, _files_hash(sorted(folder.glob("*.safetensors"))[:1]))
+    found = weights_file(folder)
+    return AttachedControlNet(model, name, _files_hash([found] if found else []))
 
 
 def folder_controlnets(folder: Path, index: dict[str, Any], *, dtype: torch.dtype | None = None) -> list:

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
+from latentloom.serve.controlnet import check_sizes, hide_images, read_scripts
 from latentloom.serve.generate import Finished, Generation, check_generation
 from latentloom.serve.images import decode_image, encode_png
 from latentloom.serve.names import a1111_sampler_name, resolve_sampler, resolve_scheduler
@@ -42,6 +43,7 @@ class Txt2ImgRequest(BaseModel):
     n_iter: Int = 1
     override_settings: dict[str, Any] = Field(default_factory=dict)
     override_settings_restore_afterwards: bool = True
+    alwayson_scripts: dict[str, Any] | None = Field(default_factory=dict)  # ControlNet's: serve/controlnet.py
     force_task_id: str | None = None
     send_images: bool = True
     save_images: bool = False
@@ -62,7 +64,7 @@ NEUTRAL: dict[str, tuple] = {
     "seed_resize_from_h": (-1, 0, None), "seed_resize_from_w": (-1, 0, None), "restore_faces": (False, None),
     "tiling": (False, None), "do_not_save_samples": (False, None), "do_not_save_grid": (False, None),
     "eta": (None, 0, 0.0, 1, 1.0), "s_churn": (0, 0.0, None), "s_tmax": (0, 0.0, None), "s_tmin": (0, 0.0, None),
-    "s_noise": (1, 1.0, None), "script_name": (None, ""), "script_args": ([], None), "alwayson_scripts": ({}, None),
+    "s_noise": (1, 1.0, None), "script_name": (None, ""), "script_args": ([], None),
     "firstphase_width": (0, None), "firstphase_height": (0, None), "refiner_checkpoint": (None, ""),
     "refiner_switch_at": (None, 0), "disable_extra_networks": (False, None), "comments": (None, {}),
     "infotext": (None, ""), "image_cfg_scale": (None, 1.5, 1.0), "initial_noise_multiplier": (None, 1, 1.0),
@@ -126,6 +128,12 @@ def to_generation(req: Txt2ImgRequest, server, *, task: str) -> Generation:
     check_generation(gen, server.settings.limits)  # what can be checked before the model's defaults are known
     if isinstance(req, Img2ImgRequest):
         _add_images(gen, req, server)
+    # after the init image: an img2img unit without an image reads it, as sd-webui-controlnet does
+    gen.controlnets, script_notes = read_scripts(req.alwayson_scripts, server.controlnets,
+                                                 max_pixels=server.settings.limits.max_input_pixels,
+                                                 init_image=gen.image if gen.task != "txt2img" else None)
+    notes += script_notes
+    check_sizes(gen.controlnets, gen.width, gen.height)  # txt2img sizes left out are checked in the job
     for note in notes:
         log.warning("%s: %s", task, note)
     return gen
@@ -172,6 +180,7 @@ def answer(req: BaseModel | None, gen: Generation, done: Finished, *, send_image
     if "init_images" in parameters:  # A1111 does not echo the uploaded images
         parameters["init_images"] = None
         parameters["mask"] = None
+    hide_images(parameters)
     first = done.recipes[0] if done.recipes else {}
     seeds = done.seeds or [gen.seed]
     info = {
@@ -309,8 +318,9 @@ def router(server) -> APIRouter:
         return items
 
     @api.get("/scripts")
-    def scripts():  # webuiapi asks on connect which extensions are there: none
-        return {"txt2img": [], "img2img": []}
+    def scripts():  # webuiapi asks on connect which extensions are there: ControlNet, where it is offered
+        names = ["controlnet"] if server.controlnets.entries else []
+        return {"txt2img": names, "img2img": list(names)}
 
     @api.get("/cmd-flags")
     def cmd_flags():

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from latentloom.serve import a1111
+from latentloom.serve.controlnet import VERSION, ControlNetRegistry, bundled_sources, modules
 from latentloom.serve.gallery import Gallery
 from latentloom.serve.generate import Finished, Generation, run_generation
 from latentloom.serve.images import BadImage, encode_png, set_pixel_limit
@@ -39,6 +40,8 @@ class Server:
     def __init__(self, settings: ServeSettings, *, loader=None) -> None:
         self.settings = settings
         self.models = ModelRegistry(settings.models, loader=loader)
+        # the bundled ControlNet comes with the bundled models it fits
+        self.controlnets = ControlNetRegistry([*settings.controlnets, *bundled_sources(settings.models)])
         self.upscalers = ModelRegistry([settings.upscaler], loader=loader) if settings.upscaler else None
         self.queue = JobQueue()
         self.gallery = Gallery(settings.outputs)
@@ -49,6 +52,8 @@ class Server:
     def preload(self) -> None:
         """Load the first model in the worker, so the first request finds it ready."""
         self.ready = self.queue.submit(lambda job: self._remember_defaults(self.models.pipeline()), kind="load").future
+        if self.controlnets.entries:  # their names hash the weights: once, now, rather than in a request
+            self.queue.submit(lambda job: self.controlnets.names(), kind="load")
 
     def _remember_defaults(self, pipe) -> None:
         self._defaults[self.models.current.title] = pipe.defaults
@@ -137,6 +142,7 @@ def create_app(settings: ServeSettings, *, loader=None, preload: bool = True) ->
         return JSONResponse({"error": "bad image", "detail": str(err)}, status_code=err.status)
 
     app.include_router(a1111.router(server))
+    _controlnet_routes(app, server)
     _page_routes(app, server)
     _latentloom_routes(app, server)
     app.add_middleware(Guard, host=settings.host, port=settings.port, auth=settings.api_auth,
@@ -154,6 +160,22 @@ def create_app(settings: ServeSettings, *, loader=None, preload: bool = True) ->
 
 def _not_found(what: str) -> JSONResponse:
     return JSONResponse({"error": "not found", "detail": f"{what} is not here"}, status_code=404)
+
+
+def _controlnet_routes(app: FastAPI, server: Server) -> None:
+    """sd-webui-controlnet's listing routes (its units come in txt2img / img2img's alwayson_scripts)."""
+
+    @app.get("/controlnet/version")
+    def controlnet_version():
+        return {"version": VERSION}
+
+    @app.get("/controlnet/model_list")
+    def controlnet_model_list(update: bool = True):  # the extension rescans its folder; the list here is fixed
+        return {"model_list": server.controlnets.names()}
+
+    @app.get("/controlnet/module_list")
+    def controlnet_module_list(alias_names: bool = False):
+        return {"module_list": modules()}
 
 
 def _page_routes(app: FastAPI, server: Server) -> None:

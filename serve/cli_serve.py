@@ -40,6 +40,10 @@ def register(subparsers) -> None:
                         help=f"largest request body in MiB (default: {_LIMITS.max_body_mb:g})")
     parser.add_argument("--upscaler", default=None, metavar="MODEL",
                         help="an upscaler model for the page's upscale button (e.g. bundled:upscaler)")
+    parser.add_argument("--controlnet", action="append", default=None, metavar="PATH",
+                        help="a ControlNet for the API's alwayson_scripts (sd-webui-controlnet's units): a diffusers "
+                             "ControlNetModel folder, an original .safetensors file or bundled:controlnet; repeat "
+                             "for more (loaded at first use; bundled:controlnet is offered with the bundled models)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=run)
@@ -47,6 +51,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from latentloom.pipelines.cli_common import fail
+    from latentloom.serve.controlnet import check_source
     from latentloom.serve.settings import ServeSettings, parse_auth
 
     try:
@@ -55,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         settings = ServeSettings(models=args.model or ["bundled:default"], host=args.host, port=args.port,
                                  outputs=args.outputs, api_auth=parse_auth(args.api_auth) if args.api_auth else None,
                                  cors_allow_origins=list(args.cors_allow_origins), limits=limits,
-                                 upscaler=args.upscaler)
+                                 upscaler=args.upscaler, controlnets=list(args.controlnet or []))
+        for source in settings.controlnets:
+            check_source(source)
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
     except ValueError as err:

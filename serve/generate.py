@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from latentloom.serve.controlnet import attached, call_arguments, check_sizes
 from latentloom.serve.images import png_bytes
 from latentloom.serve.jobs import Interrupted, Job
 
@@ -36,6 +37,7 @@ class Generation:
     noise_level: int | None = None
     model: str | None = None  # switch to this model first (A1111's override_settings.sd_model_checkpoint)
     restore_model: bool = True  # A1111's override_settings_restore_afterwards
+    controlnets: list = field(default_factory=list)  # serve.controlnet.Unit, attached for this job only
     warnings: list[str] = field(default_factory=list)
 
     def steps_per_batch(self, default_steps: int) -> int:
@@ -90,12 +92,15 @@ def _run(job: Job, server, registry, gen: Generation) -> Finished:
     pipe = registry.pipeline()
     entry = registry.current
     if gen.task == "txt2img":  # the model's own defaults for what the request left out, within the limits
-        gen.width = gen.width or pipe.defaults.width
-        gen.height = gen.height or pipe.defaults.height
+        # with ControlNet, the map's size first, as the pipelines (and diffusers) take it
+        size = gen.controlnets[0].image.size if gen.controlnets else (None, None)
+        gen.width = gen.width or size[0] or pipe.defaults.width
+        gen.height = gen.height or size[1] or pipe.defaults.height
     elif gen.task == "upscale":  # the limits hold for what comes out
         gen.width, gen.height = gen.image.width * pipe.vae_scale_factor, gen.image.height * pipe.vae_scale_factor
     gen.steps = gen.steps or pipe.defaults.num_inference_steps
     check_generation(gen, server.settings.limits)
+    check_sizes(gen.controlnets, gen.width, gen.height)
     per_batch = gen.steps_per_batch(pipe.defaults.num_inference_steps)
     job.total_steps, job.batches = per_batch * gen.n_iter, gen.n_iter
     every = server.settings.preview_every
@@ -110,6 +115,12 @@ def _run(job: Job, server, registry, gen: Generation) -> Finished:
             except Exception:  # a preview is a nicety: never fail the job for it
                 log.debug("preview decode failed", exc_info=True)
 
+    with attached(pipe, server.controlnets, gen.controlnets):
+        _batches(job, server, pipe, gen, done, per_batch, callback)
+    return done
+
+
+def _batches(job: Job, server, pipe, gen: Generation, done: Finished, per_batch: int, callback) -> None:
     for batch in range(gen.n_iter):
         job.textinfo = f"batch {batch + 1} of {gen.n_iter}" if gen.n_iter > 1 else None
         seed = gen.seed + batch * gen.batch_size
@@ -130,13 +141,12 @@ def _run(job: Job, server, registry, gen: Generation) -> Finished:
         if job.interrupted:  # interrupted after its last step: keep the batch, make no more
             done.interrupted = True
             break
-    return done
 
 
 def _call(pipe, gen: Generation, *, seed: int, callback):
     common = dict(negative_prompt=gen.negative_prompt, num_inference_steps=gen.steps, guidance_scale=gen.cfg_scale,
                   sampler=gen.sampler, karras_sigmas=gen.karras, num_images_per_prompt=gen.batch_size, seed=seed,
-                  callback=callback, progress=False)
+                  callback=callback, progress=False, **call_arguments(gen.controlnets))
     if gen.task == "txt2img":
         return pipe(gen.prompt, height=gen.height, width=gen.width, **common)
     if gen.task == "img2img":

@@ -40,8 +40,10 @@ class Limits:
 class ServeSettings:
     """models: "bundled:NAME", model folders or single files (the first one is loaded at start);
     api_auth: (user, password) or None; cors_allow_origins: the origins that get CORS headers (none: no
-    CORS headers at all); upscaler: a model for /latentloom/upscale, or None; preview_every: decode the
-    current x0 estimate every this many steps while someone watches the progress."""
+    CORS headers at all); upscaler: a model for /latentloom/upscale, or None; controlnets: the ControlNets the
+    API's ControlNet units may name, besides the bundled one the bundled models bring (folders, .safetensors
+    files, "bundled:controlnet"); preview_every: decode the current x0 estimate every this many steps while
+    someone watches the progress."""
 
     models: list[str] = field(default_factory=lambda: ["bundled:default"])
     host: str = DEFAULT_HOST
@@ -51,6 +53,7 @@ class ServeSettings:
     cors_allow_origins: list[str] = field(default_factory=list)
     limits: Limits = field(default_factory=Limits)
     upscaler: str | None = None
+    controlnets: list[str] = field(default_factory=list)
     preview_every: int = 3
     static_dir: Path = Path(__file__).resolve().parent / "static"
 

@@ -273,7 +273,7 @@ def test_latentloom_png_without_its_json_is_made_again_from_the_infotext(tmp_pat
 # --- other readers --------------------------------------------------------------------------------------------
 
 def test_sd_parsers_reads_a_latentloom_png(tmp_path):
-    sd_parsers = pytest.importorskip("sd_parsers")
+    import sd_parsers
     for prompt in ("a lighthouse at dusk", "a cat, sitting: on a mat, (red:1.2)"):
         path = save_png(Image.new("RGB", (8, 8), "blue"), tmp_path / "x.png",
                         recipe(prompt=prompt, negative_prompt="blurry, bad: ugly", sampler="dpmpp_2m",
@@ -302,7 +302,7 @@ _ALPHABET = 'ab :,\n"{}[]\\-/0123456789xStepsNgativ'
 
 
 def test_any_text_parses_or_gives_a_value_error():
-    hypothesis = pytest.importorskip("hypothesis")
+    import hypothesis
     st = hypothesis.strategies
 
     @hypothesis.settings(**_FUZZ)
@@ -320,7 +320,7 @@ def test_any_text_parses_or_gives_a_value_error():
 
 
 def test_any_prompt_round_trips():
-    hypothesis = pytest.importorskip("hypothesis")
+    import hypothesis
     st = hypothesis.strategies
     # A1111 strips each prompt line, and a line that starts `Negative prompt:` starts the negative prompt
     line = st.text(alphabet='ab :,"()\\[]{}=é1', max_size=20).map(str.strip).filter(

@@ -15,15 +15,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+import requests
+import webuiapi
+from PIL import Image
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-webuiapi = pytest.importorskip("webuiapi")
-
-import requests  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from latentloom.pipelines.metadata import read_metadata  # noqa: E402
+from latentloom.pipelines.metadata import read_metadata
 
 ALLOWED_ORIGIN = "http://allowed.example:3000"
 # the bundled model at 64 px, 2 steps, without CFG (one UNet call a step): a fraction of a second
