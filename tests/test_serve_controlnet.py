@@ -7,9 +7,6 @@ import io
 import json
 import re
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,48 +17,13 @@ from latentloom.evaluation.control_following import map_mask, mask_iou, shape_ma
 from latentloom.pipelines.metadata import read_metadata
 from latentloom.synthetic.shapes import SceneSpec, ShapeSpec, render_control_map
 from latentloom.weights import bundled_controlnet_dir
+from test_serve_api import Running  # a uvicorn server in a thread, ServeSettings as keywords
 
 SMALL = dict(width=64, height=64, steps=8)
 # the map says left, the prompt says right: where the shape lands tells which one steered it
 LEFT = render_control_map(SceneSpec(shapes=(ShapeSpec("square", "white", "large", "left"),)))
 PROMPT = "a large cyan square on the right of a black background"
 FOLDER_STEM = "shapes_cn"  # the bundled ControlNet copied to a folder of this name, served with --controlnet
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Running:
-    """A uvicorn server in a thread of this process (as tests/test_serve_api.py starts them), with ControlNets."""
-
-    def __init__(self, outputs: Path, *, controlnets=(), preload: bool = True, **settings) -> None:
-        import uvicorn
-
-        from latentloom.serve.app import create_app
-        from latentloom.serve.settings import ServeSettings
-
-        self.port = free_port()
-        self.outputs = outputs
-        self.app = create_app(ServeSettings(port=self.port, outputs=outputs, controlnets=list(controlnets),
-                                            **settings), preload=preload)
-        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.uvicorn.started:
-            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        if preload:
-            self.app.state.server.ready.result(timeout=60)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(timeout=10)
-        self.app.state.server.queue.stop()
 
 
 @pytest.fixture(scope="module")
