@@ -115,3 +115,9 @@ def test_wheel_contains_only_the_package(tmp_path):
     assert not any(n.startswith("latentloom/tests/") or n.startswith("latentloom/benchmarks/") for n in names)
     for sub in ("unet", "text_encoders", "samplers", "pipelines", "training", "weights"):
         assert f"latentloom/{sub}/__init__.py" in names
+    # the bundled models (the ControlNet and the LCM-LoRA too) and the page ship: `generate` works offline
+    shipped = [f"latentloom/{p.relative_to(REPO).as_posix()}" for p in sorted((REPO / "weights").rglob("*"))
+               if p.suffix in (".safetensors", ".json")]
+    assert "latentloom/weights/controlnet/diffusion_pytorch_model.safetensors" in shipped
+    assert [n for n in shipped if n not in names] == []
+    assert {"latentloom/serve/static/index.html", "latentloom/serve/static/app.js"} <= set(names)
