@@ -101,6 +101,7 @@ function applyDefaults(defaults) {
   set("steps", defaults.steps);
   set("cfg_scale", defaults.cfg_scale);
   if (defaults.sampler_name) $("sampler_name").value = defaults.sampler_name;
+  followOutputSize();
 }
 
 async function loadInfo({ useDefaults }) {
@@ -118,6 +119,24 @@ async function loadInfo({ useDefaults }) {
   if (limits.max_batch) $("batch_size").max = limits.max_batch;
   if (useDefaults) applyDefaults(info.defaults || {});
   $("details-upscale").hidden = !info.upscaler;
+}
+
+// The Control map panel exists only where the server offers ControlNets (sd-webui-controlnet's listing routes).
+async function loadControlNets() {
+  let models = [];
+  let modules = ["none"];
+  try {
+    models = (await api("/controlnet/model_list")).model_list || [];
+    if (models.length) modules = (await api("/controlnet/module_list")).module_list || modules;
+  } catch (err) {
+    models = [];
+    // A server without the routes simply has no ControlNets; anything else is worth saying.
+    if (err.status !== 404) showError(`Could not list the server's ControlNets: ${err.message}`);
+  }
+  fillSelect($("control-model"), models, $("control-model").value);
+  fillSelect($("control-module"), modules, $("control-module").value || "none");
+  $("control-panel").hidden = models.length === 0;
+  $("control-fields").disabled = models.length === 0;
 }
 
 async function switchModel() {
@@ -180,7 +199,26 @@ function buildRequest() {
     body.denoising_strength = numberField("denoising_strength", { integer: false });
     body.inpainting_mask_invert = $("mask-invert").checked ? 1 : 0;
   }
+  const unit = controlUnit(body.width, body.height);
+  if (unit) body.alwayson_scripts = { controlnet: { args: [unit] } };
   return body;
+}
+
+// One sd-webui-controlnet unit with the painted map, or null when the map is not to be used.
+function controlUnit(width, height) {
+  if ($("control-fields").disabled || !$("control-use").checked) return null;
+  // The map must have the output's size; the canvas follows Width and Height, make sure it has caught up.
+  followOutputSize(width, height);
+  return {
+    enabled: true,
+    image: controlMap.exportMap(),
+    module: $("control-module").value || "none",
+    model: $("control-model").value,
+    weight: numberField("control-weight", { integer: false }),
+    guidance_start: numberField("control-start", { integer: false }),
+    guidance_end: numberField("control-end", { integer: false }),
+    control_mode: "Balanced",
+  };
 }
 
 function setMode(value) {
@@ -197,6 +235,14 @@ function applyRecipe(recipe) {
   set("cfg_scale", recipe.guidance_scale);
   set("width", recipe.width);
   set("height", recipe.height);
+  followOutputSize();
+  // The map itself is not in the recipe (only its hash), so "use" is left as the user set it.
+  const net = (recipe.controlnets || [])[0];
+  if (net) {
+    set("control-weight", net.scale);
+    set("control-start", net.start);
+    set("control-end", net.end);
+  }
   const sampler = SAMPLER_TITLES[recipe.sampler] || recipe.sampler;
   if ([...$("sampler_name").options].some((o) => o.value === sampler)) $("sampler_name").value = sampler;
   if (recipe.karras_sigmas !== undefined && [...$("scheduler").options].some((o) => o.value === "Karras")) {
@@ -367,7 +413,7 @@ async function generate() {
     return;
   }
   const kind = body.init_images ? (body.mask ? "inpaint" : "img2img") : "txt2img";
-  const job = addJob(kind, body.prompt || "(no prompt)");
+  const job = addJob(body.alwayson_scripts ? `${kind} + ControlNet` : kind, body.prompt || "(no prompt)");
   body.force_task_id = job.id;
   pollProgress(job);
   try {
@@ -454,6 +500,8 @@ const RECIPE_ROWS = [
   ["Schedule", (r) => (r.karras_sigmas === undefined ? undefined : r.karras_sigmas ? "Karras" : "Automatic")],
   ["Guidance (CFG)", (r) => r.guidance_scale], ["Size", (r) => (r.width ? `${r.width} × ${r.height}` : undefined)],
   ["Task", (r) => r.task], ["Denoising strength", (r) => r.strength], ["Model", (r) => r.model],
+  ["ControlNet", (r) => (r.controlnets || []).map((c) =>
+    `${String(c.model).split(/[\\/]/).pop()}, weight ${c.scale}, ${c.start}–${c.end} of the steps`).join("; ")],
   ["Model hash", (r) => r.model_hash], ["Precision", (r) => r.dtype], ["latentloom", (r) => r.latentloom_version],
 ];
 
@@ -513,6 +561,7 @@ async function loadInitImage(src) {
   const round8 = (value) => Math.max(8, Math.round((value * scale) / 8) * 8);
   $("width").value = round8(input.width);
   $("height").value = round8(input.height);
+  followOutputSize();
 }
 
 function loadInitFile(file) {
@@ -523,10 +572,48 @@ function loadInitFile(file) {
   reader.readAsDataURL(file);
 }
 
-function setTool(tool) {
-  maskEditor.setTool(tool);
-  $("tool-brush").setAttribute("aria-pressed", String(tool === "brush"));
-  $("tool-eraser").setAttribute("aria-pressed", String(tool === "eraser"));
+// A Paint / Eraser pair of toggle buttons for a painter (the mask's or the control map's).
+function wireTools(editor, brushButton, eraserButton) {
+  const pick = (tool) => {
+    editor.setTool(tool);
+    brushButton.setAttribute("aria-pressed", String(tool === "brush"));
+    eraserButton.setAttribute("aria-pressed", String(tool === "eraser"));
+  };
+  brushButton.addEventListener("click", () => pick("brush"));
+  eraserButton.addEventListener("click", () => pick("eraser"));
+}
+
+function wireBrushSize(range, output) {
+  range.addEventListener("input", () => { output.textContent = range.value; });
+}
+
+// ---------------------------------------------------------------- the control map
+
+let controlMap = null;  // created in wire(), see controlmap.js
+
+function showControlSize() {
+  $("control-size").textContent = `${controlMap.width} × ${controlMap.height}`;
+}
+
+// The canvas takes the size in the Width / Height fields whenever they hold one (a half-typed, empty or
+// over-the-limit size leaves it as it is: the server says what is wrong with it); the brush grows with it.
+function followOutputSize(width = Number($("width").value), height = Number($("height").value)) {
+  const maxPixels = ((state.info && state.info.limits) || {}).max_pixels || 4096 * 4096;
+  if (!Number.isInteger(width) || !Number.isInteger(height) || width < 8 || height < 8) return;
+  if (width * height > maxPixels) return;
+  controlMap.resize(width, height);
+  showControlSize();
+  const range = $("control-brush-size");
+  range.max = Math.max(16, Math.round(Math.max(width, height) / 2));
+  $("control-brush-size-out").textContent = range.value;
+}
+
+function loadControlFile(file) {
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => controlMap.load(reader.result).catch((err) => showError(err.message));
+  reader.onerror = () => showError(`Could not read ${file.name}`);
+  reader.readAsDataURL(file);
 }
 
 function sendToImg2img(item) {
@@ -571,16 +658,22 @@ function wire() {
     wrap.classList.remove("drop");
     loadInitFile(event.dataTransfer.files[0]);
   });
-  $("brush-size").addEventListener("input", () => { $("brush-size-out").textContent = $("brush-size").value; });
+  wireBrushSize($("brush-size"), $("brush-size-out"));
   $("denoising_strength").addEventListener("input", () => {
     $("denoising-out").textContent = $("denoising_strength").value;
   });
-  $("tool-brush").addEventListener("click", () => setTool("brush"));
-  $("tool-eraser").addEventListener("click", () => setTool("eraser"));
   maskEditor = createMaskEditor({
     imageCanvas: $("image-canvas"), maskCanvas: $("mask-canvas"), brushSize: $("brush-size"),
   });
+  wireTools(maskEditor, $("tool-brush"), $("tool-eraser"));
   $("mask-clear").addEventListener("click", () => maskEditor.clear());
+
+  controlMap = createControlMap({ canvas: $("control-canvas"), brushSize: $("control-brush-size"), box: 176 });
+  wireTools(controlMap, $("control-tool-brush"), $("control-tool-eraser"));
+  wireBrushSize($("control-brush-size"), $("control-brush-size-out"));
+  $("control-clear").addEventListener("click", () => controlMap.clear());
+  $("control-file").addEventListener("change", (event) => loadControlFile(event.target.files[0]));
+  for (const id of ["width", "height"]) $(id).addEventListener("change", () => followOutputSize());
 
   $("details-use").addEventListener("click", () => {
     applyRecipe(state.detailsItem.recipe || {});
@@ -604,6 +697,7 @@ async function start() {
   } catch (err) {
     showError(`Could not read the server's settings: ${err.message}`);
   }
+  await loadControlNets();
   await refreshGallery();
   document.body.dataset.ready = "1";  // lets tests (and people) know the page has its settings
 }

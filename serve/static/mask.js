@@ -1,17 +1,12 @@
-// The img2img / inpaint input: an image canvas with a mask canvas over it that the user paints on.
+// The img2img / inpaint input: an image canvas with a mask canvas over it that the user paints on (painter.js).
 // Self-contained (no globals besides createMaskEditor), used by app.js.
 "use strict";
 
 // imageCanvas and maskCanvas lie on top of each other (CSS); box: the longest canvas side in canvas pixels.
 function createMaskEditor({ imageCanvas, maskCanvas, brushSize, box = 384 }) {
   let input = null;       // {dataUrl, width, height}: the image as the server will get it
-  let painted = false;    // anything painted since the last clear (erasing back to nothing is checked on export)
-  let tool = "brush";
-
-  function clear() {
-    maskCanvas.getContext("2d").clearRect(0, 0, maskCanvas.width, maskCanvas.height);
-    painted = false;
-  }
+  // only alpha matters for the exported mask; the colour is for the eye
+  const painter = createPainter({ canvas: maskCanvas, brushSize, color: "#ff3d8b", canPaint: () => input !== null });
 
   // Resolves with {dataUrl, width, height} once `src` (a URL or data URL) is drawn.
   function load(src) {
@@ -33,7 +28,7 @@ function createMaskEditor({ imageCanvas, maskCanvas, brushSize, box = 384 }) {
         const ctx = imageCanvas.getContext("2d");
         ctx.imageSmoothingEnabled = scale < 1;  // small images (the bundled model's 64 px) stay crisp
         ctx.drawImage(image, 0, 0, imageCanvas.width, imageCanvas.height);
-        clear();
+        painter.clear();
         resolve(input);
       };
       image.onerror = () => reject(new Error("That file is not an image the browser can read."));
@@ -44,7 +39,7 @@ function createMaskEditor({ imageCanvas, maskCanvas, brushSize, box = 384 }) {
   // The mask at the input image's size, black = keep and white = repaint, as base64 PNG (no data: prefix);
   // null when nothing is painted.
   function exportMask() {
-    if (!input || !painted) return null;
+    if (!input || !painter.painted) return null;
     const out = document.createElement("canvas");
     out.width = input.width;
     out.height = input.height;
@@ -64,48 +59,11 @@ function createMaskEditor({ imageCanvas, maskCanvas, brushSize, box = 384 }) {
     return out.toDataURL("image/png").split(",")[1];
   }
 
-  // Pointer events cover mouse, pen and touch alike.
-  let last = null;
-  const at = (event) => {
-    const rect = maskCanvas.getBoundingClientRect();  // the canvas is scaled by CSS: map to canvas pixels
-    return {
-      x: (event.clientX - rect.left) * (maskCanvas.width / rect.width),
-      y: (event.clientY - rect.top) * (maskCanvas.height / rect.height),
-    };
-  };
-  const stroke = (from, to) => {
-    const ctx = maskCanvas.getContext("2d");
-    ctx.globalCompositeOperation = tool === "eraser" ? "destination-out" : "source-over";
-    ctx.strokeStyle = "#ff3d8b";  // only alpha matters for the exported mask; the colour is for the eye
-    ctx.lineWidth = Number(brushSize.value);
-    ctx.lineCap = ctx.lineJoin = "round";
-    ctx.beginPath();
-    ctx.moveTo(from.x, from.y);
-    ctx.lineTo(to.x + 0.01, to.y);  // a zero-length line draws nothing; a click should leave a dot
-    ctx.stroke();
-    if (tool === "brush") painted = true;
-  };
-  maskCanvas.addEventListener("pointerdown", (event) => {
-    if (!input) return;
-    maskCanvas.setPointerCapture(event.pointerId);
-    last = at(event);
-    stroke(last, last);
-  });
-  maskCanvas.addEventListener("pointermove", (event) => {
-    if (!last) return;
-    const point = at(event);
-    stroke(last, point);
-    last = point;
-  });
-  const end = () => { last = null; };
-  maskCanvas.addEventListener("pointerup", end);
-  maskCanvas.addEventListener("pointercancel", end);
-
   return {
     load,
-    clear,
+    clear: painter.clear,
     exportMask,
-    setTool: (name) => { tool = name; },
+    setTool: painter.setTool,
     get input() { return input; },
   };
 }
