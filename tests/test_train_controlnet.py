@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import latentloom
-from builders import save_sd_folder, tiny_sd_pipeline
+from builders import save_sd_folder, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_sdxl_refiner
 from latentloom.synthetic.shapes import make_item, render_control_map, write_dataset
 from latentloom.training.config import TrainConfig
 from latentloom.training.loop import train
@@ -96,3 +96,36 @@ def test_control_widths_follow_the_vae_factor():
     assert control_widths(8) == (16, 32, 96, 256) and control_widths(4) == (16, 32, 96)
     with pytest.raises(ValueError, match="factor is 3"):
         control_widths(3)
+
+
+@pytest.fixture(scope="module")
+def sdxl_teacher(tmp_path_factory):
+    return save_sd_folder(tiny_sdxl_pipeline(), tmp_path_factory.mktemp("sdxl-teacher"))
+
+
+def test_sdxl_controlnet_trains_resumes_exactly_and_steers(data, sdxl_teacher, tmp_path):
+    """An SDXL base: the ControlNet reads the UNet's vector conditioning (pooled text, size and crop)."""
+    common = dict(steps=4, ema=True, ema_decay=0.9, random_flip=True, caption_dropout=0.5, cache_latents=True)
+    straight = run(data, sdxl_teacher, tmp_path / "a", **common)
+    run(data, sdxl_teacher, tmp_path / "b", stop_after=2, **common)
+    resumed = run(data, sdxl_teacher, tmp_path / "b", resume="latest", **common)
+    a = load_file(str(straight / "checkpoints" / "controlnet" / "checkpoint-4" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "controlnet" / "checkpoint-4" / "model.safetensors"))
+    assert any(k.startswith("add_embedding") for k in a)  # its own copy of the vector embedding, trained
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    from diffusers import ControlNetModel
+
+    assert ControlNetModel.from_pretrained(straight).config.addition_embed_type == "text_time"
+    plain = latentloom.load_pipeline(sdxl_teacher, device="cpu", dtype=torch.float32)
+    pipe = latentloom.load_pipeline(sdxl_teacher, controlnet=straight, device="cpu", dtype=torch.float32)
+    _, text, scene = make_item(0, seed=0)
+    kw = dict(height=16, width=16, num_inference_steps=4, seed=0, progress=False, output_type="np")
+    steered = pipe(text, control_image=render_control_map(scene, size=16), **kw).images[0]
+    assert abs(torch.as_tensor(steered) - torch.as_tensor(plain(text, **kw).images[0])).max() > 1e-3
+
+
+def test_sdxl_refiner_is_refused(data, tmp_path):
+    refiner = save_sd_folder(tiny_sdxl_refiner(), tmp_path / "refiner")
+    with pytest.raises(ValueError, match="SDXL refiner"):
+        run(data, refiner, tmp_path / "out")

@@ -9,6 +9,8 @@ starts by adding nothing), and only it is trained: the loss is the frozen UNet's
 objective (`objective.diffusion_loss`, the model's schedule and prediction type) with the
 ControlNet's residuals added to the UNet's skips and middle block. Latents (and captions) can be
 cached; the control maps are read per sample, under the same crop and flip as the image.
+SDXL bases train too: the ControlNet and the UNet read the same vector conditioning (the pooled text and
+each image's original size and crop, the training size as target, as SDXL fine-tuning does here).
 The result is a diffusers ControlNetModel folder: `load_pipeline(MODEL, controlnet=OUT)`.
 """
 from __future__ import annotations
@@ -19,9 +21,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from latentloom.text_encoders.embedding import TextEmbedding
 from latentloom.training.config import TrainConfig
 from latentloom.training.objective import diffusion_loss
-from latentloom.training.task_unet import drop_captions
+from latentloom.training.task_unet import drop_captions, vector_conditioning
 
 # the control embedding's widths, diffusers' default (16, 32, 96, 256) cut to the VAE's factor:
 # one width per halving plus one, so the embedding downsamples the map to the latents' size
@@ -51,22 +54,30 @@ class ControlNetTask:
     @staticmethod
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         key = "latents" if "latents" in items[0] else "pixel_values"
-        return {key: torch.stack([it[key] for it in items]), "caption": [it["caption"] for it in items],
-                "conditioning_pixel_values": torch.stack([it["conditioning_pixel_values"] for it in items])}
+        batch = {key: torch.stack([it[key] for it in items]), "caption": [it["caption"] for it in items],
+                 "conditioning_pixel_values": torch.stack([it["conditioning_pixel_values"] for it in items])}
+        if all("micro" in it for it in items):
+            batch["micro"] = torch.stack([it["micro"] for it in items])  # (B, 4): SDXL's original size and crop
+        return batch
 
     @torch.no_grad()
-    def _context(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _context(self, captions: list[str], device: torch.device) -> TextEmbedding:
         # a LatentCache holds every caption's embedding (and ""'s for dropout)
         encode = self.dataset.text if hasattr(self.dataset, "text") else self.pipe.text_encoder.encode
         emb = encode(list(captions))
-        return emb.hidden.to(device=device, dtype=torch.float32), emb.mask.to(device)
+        pooled = None if emb.pooled is None else emb.pooled.to(device=device, dtype=torch.float32)
+        return TextEmbedding(emb.hidden.to(device=device, dtype=torch.float32), emb.mask.to(device), pooled)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generators: dict[str, torch.Generator]) -> torch.Tensor:
         cfg = self.cfg
         gen = generators["noise"]
         device = gen.device
         captions = drop_captions(batch["caption"], p=cfg.caption_dropout, generator=generators["host"])
-        hidden, mask = self._context(captions, device)
+        emb = self._context(captions, device)
+        hidden, mask = emb.hidden, emb.mask
+        # SDXL: the UNet and the ControlNet read the same vector (pooled text and micro-conditioning)
+        y = vector_conditioning(self.unet, emb, batch.get("micro"), size=(cfg.resolution, cfg.resolution))
+        extra = {} if y is None else {"y": y}
         if "latents" in batch:
             x0 = batch["latents"].to(device=device, dtype=torch.float32)
         else:
@@ -79,8 +90,8 @@ class ControlNetTask:
         context_mask = mask if self.use_context_mask else None
 
         def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            residuals = model(x_t, t, hidden, control, context_mask=context_mask)
-            return self.unet(x_t, t, hidden, context_mask=context_mask, control=residuals)
+            residuals = model(x_t, t, hidden, control, context_mask=context_mask, **extra)
+            return self.unet(x_t, t, hidden, context_mask=context_mask, control=residuals, **extra)
 
         return diffusion_loss(predict, x0, alphas_cumprod=self.alphas_cumprod, prediction_type=self.prediction_type,
                               generator=gen, min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
@@ -119,9 +130,9 @@ def build_controlnet_task(cfg: TrainConfig, *, device: torch.device, is_main: bo
     pipe = load_pipeline(cfg.pretrained, device=device, dtype=torch.float32)
     pipe.release_text_encoders = False  # they encode every uncached batch's captions
     unet = pipe.unet
-    if getattr(unet.config, "adm_in_channels", None) is not None:
-        raise ValueError(f"{cfg.pretrained}: ControlNet training of UNets with vector conditioning (SDXL) is not "
-                         "supported; use a Stable Diffusion 1.x/2.x-style or latentloom model")
+    if hasattr(pipe.text_encoder, "encoders") and pipe.text_encoder.encoder_1 is None:
+        raise ValueError(f"{cfg.pretrained} is an SDXL refiner (no first text encoder, an aesthetic score for "
+                         "its vector); train the ControlNet on the base model")
     if getattr(unet.config, "time_cond_proj_dim", None) is not None:
         raise ValueError(f"{cfg.pretrained} is LCM-distilled (its UNet has a guidance embedding); train the ControlNet "
                          "on the model it was distilled from")

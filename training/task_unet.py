@@ -58,6 +58,20 @@ def upscaler_condition(
     return F.interpolate(noisy, size=size, mode="bilinear", align_corners=False)
 
 
+def vector_conditioning(unet, emb: TextEmbedding, micro: torch.Tensor | None,
+                        size: tuple[int, int]) -> torch.Tensor | None:
+    """SDXL's y for `unet`: the pooled text and each image's real original size and crop, with the training
+    size as target size, as SDXL was trained (None for UNets without vector conditioning)."""
+    if getattr(unet.config, "adm_in_channels", None) is None:
+        return None
+    if emb.pooled is None or micro is None:
+        raise ValueError("this UNet reads SDXL's vector conditioning: it needs the text encoder's pooled "
+                         "vector and each image's size and crop")
+    target = micro.new_tensor(size).expand(micro.shape[0], 2)
+    numbers = torch.cat([micro, target], dim=1).to(device=emb.pooled.device, dtype=torch.float32)  # (B, 6)
+    return unet.vector_conditioning(emb.pooled, numbers)
+
+
 class UNetTask:
     """Batches of {"pixel_values": (B, 3, R, R) in [-1, 1], "caption": list[str]} -> loss."""
 
@@ -134,16 +148,7 @@ class UNetTask:
 
     def vector_conditioning(self, emb: TextEmbedding, micro: torch.Tensor | None,
                             size: tuple[int, int]) -> torch.Tensor | None:
-        """SDXL's y: the pooled text and each image's real original size and crop, with the training
-        size as target size, as SDXL was trained (None for UNets without vector conditioning)."""
-        if getattr(self.model.config, "adm_in_channels", None) is None:
-            return None
-        if emb.pooled is None or micro is None:
-            raise ValueError("this UNet reads SDXL's vector conditioning: it needs the text encoder's pooled "
-                             "vector and each image's size and crop")
-        target = micro.new_tensor(size).expand(micro.shape[0], 2)
-        numbers = torch.cat([micro, target], dim=1).to(device=emb.pooled.device, dtype=torch.float32)  # (B, 6)
-        return self.model.vector_conditioning(emb.pooled, numbers)
+        return vector_conditioning(self.model, emb, micro, size)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generators: dict[str, torch.Generator]) -> torch.Tensor:
         cfg = self.cfg
