@@ -118,32 +118,17 @@ def _refuse_unused(cfg: TrainConfig) -> None:
 
 def build_controlnet_task(cfg: TrainConfig, *, device: torch.device, is_main: bool, barrier: Callable[[], None]):
     """The ControlNetTask for `latentloom train --model controlnet --pretrained MODEL --data FOLDER`."""
-    from latentloom.pipelines.loading import load_pipeline
     from latentloom.samplers.schedules import DiscreteSchedule
     from latentloom.training.data import CaptionedImageDataset
+    from latentloom.training.tasks import load_frozen_model
     from latentloom.unet import ControlNet
     from latentloom.vae.codec import vae_scale_factor
 
     if cfg.pretrained is None:
         raise ValueError("ControlNet training steers a model: pass pretrained=<model folder, file, or bundled:NAME>")
     _refuse_unused(cfg)
-    pipe = load_pipeline(cfg.pretrained, device=device, dtype=torch.float32)
-    pipe.release_text_encoders = False  # they encode every uncached batch's captions
-    unet = pipe.unet
-    if hasattr(pipe.text_encoder, "encoders") and pipe.text_encoder.encoder_1 is None:
-        raise ValueError(f"{cfg.pretrained} is an SDXL refiner (no first text encoder, an aesthetic score for "
-                         "its vector); train the ControlNet on the base model")
-    if getattr(unet.config, "time_cond_proj_dim", None) is not None:
-        raise ValueError(f"{cfg.pretrained} is LCM-distilled (its UNet has a guidance embedding); train the ControlNet "
-                         "on the model it was distilled from")
-    if unet.config.in_channels != pipe.latent_channels:
-        raise ValueError(f"{cfg.pretrained}: ControlNet training needs a text-to-image UNet ({pipe.latent_channels} "
-                         f"input channels), this one has {unet.config.in_channels}")
-    for encoder in getattr(pipe.text_encoder, "encoders", [pipe.text_encoder]):
-        encoder.weighting = False  # captions are plain text
-        encoder.cache_size = 1 << 16
-    pipe.vae.requires_grad_(False).eval()
-    unet.requires_grad_(False).eval()
+    pipe = load_frozen_model(cfg.pretrained, device=device, purpose="ControlNet training")
+    unet = pipe.unet  # frozen by the task
     factor = vae_scale_factor(pipe.vae)
     controlnet = ControlNet.from_unet(unet, conditioning_embedding_out_channels=control_widths(factor)).train()
     controlnet.set_attention_backend(getattr(unet, "attention_backend", "sdpa"))

@@ -191,8 +191,7 @@ class LCMTask:
 
 def build_lcm_task(cfg: TrainConfig, *, device: torch.device, is_main: bool, barrier: Callable[[], None]):
     """The LCMTask for `latentloom train --model lcm --pretrained TEACHER [--lora-rank R]`."""
-    from latentloom.pipelines.loading import load_pipeline
-    from latentloom.training.tasks import load_dataset
+    from latentloom.training.tasks import load_dataset, load_frozen_model
 
     if cfg.pretrained is None:
         raise ValueError("distillation needs its teacher: pass pretrained=<model folder, file, or bundled:NAME>")
@@ -204,19 +203,7 @@ def build_lcm_task(cfg: TrainConfig, *, device: torch.device, is_main: bool, bar
     if unused:
         raise ValueError(f"{sorted(unused)} do not apply to distillation (model='lcm'): its loss is the consistency "
                          "loss, and the teacher brings its own VAE and architecture")
-    teacher = load_pipeline(cfg.pretrained, device=device, dtype=torch.float32)
-    teacher.release_text_encoders = False  # they encode every batch's captions
-    if getattr(teacher.text_encoder, "encoder_1", True) is None:
-        raise ValueError(f"{cfg.pretrained} is an SDXL refiner: distil a base model")
-    if getattr(teacher.unet.config, "time_cond_proj_dim", None) is not None:
-        raise ValueError(f"{cfg.pretrained} is already LCM-distilled (its UNet has a guidance embedding)")
-    if teacher.unet.config.in_channels != teacher.latent_channels:
-        raise ValueError(f"{cfg.pretrained}: distillation needs a text-to-image UNet ({teacher.latent_channels} input "
-                         f"channels), this one has {teacher.unet.config.in_channels}")
-    for encoder in getattr(teacher.text_encoder, "encoders", [teacher.text_encoder]):
-        encoder.weighting = False  # captions are plain text
-        encoder.cache_size = 1 << 16
-    teacher.vae.requires_grad_(False).eval()
+    teacher = load_frozen_model(cfg.pretrained, device=device, purpose="distillation")
     if cfg.lora_rank:
         from latentloom.training.lora import add_lora
 

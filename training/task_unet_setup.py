@@ -17,7 +17,7 @@ from latentloom.model_folder import (
 )
 from latentloom.training.config import PIXEL_SHUFFLE, TrainConfig
 from latentloom.training.objective import train_alphas_cumprod
-from latentloom.training.tasks import load_dataset, load_text_encoder
+from latentloom.training.tasks import captions_as_plain_text, load_dataset, load_text_encoder
 from latentloom.vae.loading import load_vae
 
 
@@ -238,9 +238,7 @@ def _foreign_unet_task(cfg: TrainConfig, *, device: torch.device, is_main: bool,
     kind = "sdxl" if sdxl else "clip"
     if cfg.text_encoder != kind:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "text_encoder": kind})
-    for encoder in (text_encoder.encoders if sdxl else [text_encoder]):
-        encoder.weighting = False  # captions are plain text, not "(word:1.2)" prompts
-        encoder.cache_size = 1 << 16
+    captions_as_plain_text(text_encoder)
     vae = pipe.vae.to(device).eval().requires_grad_(False)
     unet = pipe.unet
     dataset = load_dataset(cfg)

@@ -23,6 +23,37 @@ def load_dataset(cfg: TrainConfig):
                                  seed=cfg.seed)
 
 
+def captions_as_plain_text(text_encoder) -> None:
+    """Set a pipeline's text encoder(s) to read captions: plain text (no "(word:1.2)" weighting), and a
+    big cache so that each caption is encoded once."""
+    for encoder in getattr(text_encoder, "encoders", [text_encoder]):
+        encoder.weighting = False
+        encoder.cache_size = 1 << 16
+
+
+def load_frozen_model(source, *, device: torch.device, purpose: str):
+    """The text-to-image model a task learns from without changing it (the LCM teacher, the model a
+    ControlNet steers): in fp32 on `device`, its VAE frozen, its text encoders kept and reading captions.
+    Refused, naming why: an SDXL refiner, an LCM-distilled UNet, a UNet that is not text-to-image.
+    purpose: what the task is, for those messages ("distillation", "ControlNet training")."""
+    from latentloom.pipelines.loading import load_pipeline
+
+    pipe = load_pipeline(source, device=device, dtype=torch.float32)
+    pipe.release_text_encoders = False  # they encode every uncached batch's captions
+    if hasattr(pipe.text_encoder, "encoders") and pipe.text_encoder.encoder_1 is None:
+        raise ValueError(f"{source} is an SDXL refiner (no first text encoder, an aesthetic score for its "
+                         f"vector): {purpose} needs a base model")
+    if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
+        raise ValueError(f"{source} is LCM-distilled (its UNet has a guidance embedding): {purpose} needs the "
+                         "model it was distilled from")
+    if pipe.unet.config.in_channels != pipe.latent_channels:
+        raise ValueError(f"{source}: {purpose} needs a text-to-image UNet ({pipe.latent_channels} input "
+                         f"channels), this one has {pipe.unet.config.in_channels}")
+    captions_as_plain_text(pipe.text_encoder)
+    pipe.vae.requires_grad_(False).eval()
+    return pipe
+
+
 def load_text_encoder(kind: str, *, device: torch.device, folder: str | Path | None = None):
     """The frozen text encoder named in the model folder: "minilm" (the bundled one), "clip" (a
     fine-tuned Stable Diffusion's: ``folder/text_encoder`` + ``folder/tokenizer``), or "sdxl" (a
