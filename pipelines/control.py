@@ -55,6 +55,16 @@ def load_controlnet(source: Any, *, dtype: torch.dtype | None = None) -> Attache
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"controlnet must be a path (a ControlNetModel folder or a .safetensors file), a ControlNet, "
                         f"or a list of them; got {type(source).__name__}")
+    path, name = locate_controlnet(source)
+    if path.is_dir():
+        return _from_folder(path, name, dtype=dtype)
+    return AttachedControlNet(ControlNet.from_single_file(path, dtype=dtype), name, _files_hash([path]))
+
+
+def locate_controlnet(source: str | os.PathLike) -> tuple[Path, str]:
+    """(folder or file, the name recipes give it) of a ControlNet source: a diffusers ControlNetModel folder,
+    an original .safetensors file, or "bundled:controlnet"; checked without reading the weights (errors name
+    the source and what is accepted)."""
     if isinstance(source, str) and source.startswith("bundled:"):
         from latentloom.weights import BUNDLED_CONTROLNET, bundled_controlnet_dir
 
@@ -63,20 +73,19 @@ def load_controlnet(source: Any, *, dtype: torch.dtype | None = None) -> Attache
         folder = bundled_controlnet_dir()
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{BUNDLED_CONTROLNET} is not in this install (expected {folder}/config.json)")
-        return _from_folder(folder, source, dtype=dtype)
+        return folder, source
     path = Path(source).resolve()
     if path.is_dir():
         if not (path / "config.json").is_file():
             hint = " (a pipeline folder: its ControlNet loads with it)" if (path / "model_index.json").is_file() else ""
             raise FileNotFoundError(f"controlnet {str(source)!r} is a folder without config.json, so not a "
                                     f"diffusers ControlNetModel folder{hint}")
-        return _from_folder(path, str(path), dtype=dtype)
+        return path, str(path)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ValueError(f"controlnet {str(source)!r}: only .safetensors single files are read (pickle files "
                              "can run code); convert it first")
-        return AttachedControlNet(ControlNet.from_single_file(path, dtype=dtype), str(path),
-                                  _files_hash([weights_file(path)]))
+        return path, str(path)
     raise FileNotFoundError(f"no ControlNet at {str(source)!r}: give a diffusers ControlNetModel folder or an "
                             "original .safetensors file")
 

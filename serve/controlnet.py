@@ -53,36 +53,21 @@ def bundled_sources(models: list[str]) -> list[str]:
     return [BUNDLED_CONTROLNET] if fits and (bundled_controlnet_dir() / "config.json").is_file() else []
 
 
-def check_source(source: str) -> None:
-    """What `load_controlnet` will read, checked at start-up (ValueError naming the source and what is taken)."""
-    from latentloom.weights import BUNDLED_CONTROLNET, bundled_controlnet_dir
+def check_source(source: str) -> tuple[Path, str]:
+    """(folder or file, recipe name) of a --controlnet source, checked at start-up as `load_controlnet` will
+    read it (ValueError naming the source and what is taken)."""
+    from latentloom.pipelines.control import locate_controlnet
 
-    if source.startswith("bundled:"):
-        if source != BUNDLED_CONTROLNET:
-            raise ValueError(f"--controlnet {source!r}: the bundled ControlNet is {BUNDLED_CONTROLNET!r}")
-        if not (bundled_controlnet_dir() / "config.json").is_file():
-            raise ValueError(f"--controlnet {source!r} is not in this install")
-        return
-    path = Path(source)
-    if path.is_dir() and (path / "config.json").is_file():
-        return
-    if path.is_file() and path.suffix == ".safetensors":
-        return
-    raise ValueError(f"--controlnet {source!r} is not a diffusers ControlNetModel folder (with config.json) or an "
-                     "original .safetensors file (or bundled:controlnet)")
-
-
-def _weights_file(source: str) -> Path | None:
-    """The file whose SHA-256 names a ControlNet: the one pipelines.control hashes for its recipes too."""
-    from latentloom.pipelines.control import weights_file
-    from latentloom.weights import bundled_controlnet_dir
-
-    return weights_file(bundled_controlnet_dir() if source.startswith("bundled:") else Path(source))
+    try:
+        return locate_controlnet(source)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--controlnet: {err}") from None
 
 
 @dataclass
 class ControlNetEntry:
-    source: str  # what load_controlnet is given
+    source: str  # what load_controlnet is given: the recipe name (an absolute path, or "bundled:controlnet")
+    path: Path  # its folder or file
     stem: str  # the name without its hash: a file's or folder's stem, or "bundled:controlnet"
     name: str | None = None  # "stem [8 hex]", once hashed
 
@@ -103,13 +88,12 @@ class ControlNetRegistry:
         self.entries: list[ControlNetEntry] = []
         seen = set()
         for source in sources:
-            check_source(source)
-            key = source if source.startswith("bundled:") else str(Path(source).resolve())
+            path, key = check_source(source)
             if key in seen:
                 continue
             seen.add(key)
-            stem = source if source.startswith("bundled:") else Path(source).resolve().stem
-            self.entries.append(ControlNetEntry(source=key, stem=stem))
+            stem = key if key.startswith("bundled:") else path.stem
+            self.entries.append(ControlNetEntry(source=key, path=path, stem=stem))
         self._lock = threading.Lock()
         self._loaded: dict[str, Any] = {}  # source -> AttachedControlNet
 
@@ -153,9 +137,10 @@ class ControlNetRegistry:
 
 
 def _name(entry: ControlNetEntry) -> str:
+    from latentloom.pipelines.control import weights_file
     from latentloom.pipelines.control_maps import file_sha256
 
-    path = _weights_file(entry.source)
+    path = weights_file(entry.path)
     try:
         digest = file_sha256(path)[:8] if path is not None else None
     except OSError as err:  # an unreadable file fails at its first use, with the loader's message
