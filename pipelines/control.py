@@ -34,15 +34,6 @@ class AttachedControlNet:
     weights_hash: str  # first 10 hex digits of the SHA-256 of its weight file ("unknown" in memory)
 
 
-def _files_hash(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()[:10] if paths else "unknown"
-
-
 def load_controlnet(source: Any, *, dtype: torch.dtype | None = None) -> AttachedControlNet:
     """A ControlNet from a diffusers ControlNetModel folder, an original single file (.safetensors),
     "bundled:controlnet" (the bundled model's), a latentloom ControlNet or a diffusers ControlNetModel module."""
@@ -58,7 +49,7 @@ def load_controlnet(source: Any, *, dtype: torch.dtype | None = None) -> Attache
     path, name = locate_controlnet(source)
     if path.is_dir():
         return _from_folder(path, name, dtype=dtype)
-    return AttachedControlNet(ControlNet.from_single_file(path, dtype=dtype), name, _files_hash([path]))
+    return AttachedControlNet(ControlNet.from_single_file(path, dtype=dtype), name, weights_hash(path))
 
 
 def locate_controlnet(source: str | os.PathLike) -> tuple[Path, str]:
@@ -99,12 +90,19 @@ def weights_file(path: Path) -> Path | None:
     return path
 
 
+def weights_hash(path: Path) -> str:
+    """What recipes record of a ControlNet's weights: the first 10 hex digits of `weights_file`'s SHA-256
+    ("unknown" when there is none)."""
+    from latentloom.pipelines.control_maps import file_sha256
+
+    found = weights_file(path)
+    return file_sha256(found)[:10] if found is not None else "unknown"
+
+
 def _from_folder(folder: Path, name: str, *, dtype: torch.dtype | None) -> AttachedControlNet:
     from latentloom.unet import ControlNet
 
-    model = ControlNet.from_diffusers(folder, dtype=dtype)
-    found = weights_file(folder)
-    return AttachedControlNet(model, name, _files_hash([found] if found else []))
+    return AttachedControlNet(ControlNet.from_diffusers(folder, dtype=dtype), name, weights_hash(folder))
 
 
 def folder_controlnets(folder: Path, index: dict[str, Any], *, dtype: torch.dtype | None = None) -> list:

@@ -118,13 +118,18 @@ def infotext(recipe: dict[str, Any]) -> str:
     return f"{recipe.get('prompt') or ''}{negative_line}\n{settings}".strip()
 
 
-def controlnet_unit(unit: dict[str, Any]) -> str:
-    """A recipe's ControlNet as sd-webui-controlnet's unit text (its model as file stem [8-hex hash], as
-    A1111 names models; no preprocessor ran on the map, so Module is none)."""
-    model = str(unit.get("model", ""))
+def controlnet_name(model: str, digest: str | None = None) -> str:
+    """A ControlNet as A1111 names models: its file's or folder's stem ("bundled:controlnet" as it is) and
+    " [8 hex]" of its weights' SHA-256 when known."""
     name = model if model.startswith("bundled:") or model == "in-memory" else Path(model).stem
-    digest = str(unit.get("model_hash", ""))[:8]
-    label = f"{name} [{digest}]" if digest and digest != "unknown" else name
+    digest = (digest or "")[:8]
+    return f"{name} [{digest}]" if digest and digest != "unknown" else name
+
+
+def controlnet_unit(unit: dict[str, Any]) -> str:
+    """A recipe's ControlNet as sd-webui-controlnet's unit text (no preprocessor ran on the map, so Module
+    is none)."""
+    label = controlnet_name(str(unit.get("model", "")), str(unit.get("model_hash", "")))
     return (f"Module: none, Model: {label}, Weight: {_number(unit.get('scale'))}, "
             f"Guidance Start: {_number(unit.get('start'))}, Guidance End: {_number(unit.get('end'))}")
 

@@ -85,6 +85,8 @@ class ControlNetRegistry:
     first job and keeps it (only the worker thread loads)."""
 
     def __init__(self, sources: list[str]) -> None:
+        from latentloom.pipelines.infotext import controlnet_name
+
         self.entries: list[ControlNetEntry] = []
         seen = set()
         for source in sources:
@@ -92,8 +94,7 @@ class ControlNetRegistry:
             if key in seen:
                 continue
             seen.add(key)
-            stem = key if key.startswith("bundled:") else path.stem
-            self.entries.append(ControlNetEntry(source=key, path=path, stem=stem))
+            self.entries.append(ControlNetEntry(source=key, path=path, stem=controlnet_name(key)))
         self._lock = threading.Lock()
         self._loaded: dict[str, Any] = {}  # source -> AttachedControlNet
 
@@ -137,16 +138,15 @@ class ControlNetRegistry:
 
 
 def _name(entry: ControlNetEntry) -> str:
-    from latentloom.pipelines.control import weights_file
-    from latentloom.pipelines.control_maps import file_sha256
+    from latentloom.pipelines.control import weights_hash
+    from latentloom.pipelines.infotext import controlnet_name
 
-    path = weights_file(entry.path)
     try:
-        digest = file_sha256(path)[:8] if path is not None else None
+        digest = weights_hash(entry.path)  # the hash the images' recipes record
     except OSError as err:  # an unreadable file fails at its first use, with the loader's message
         log.warning("could not hash ControlNet %s: %s", entry.source, err)
         digest = None
-    return f"{entry.stem} [{digest}]" if digest else entry.stem
+    return controlnet_name(entry.source, digest)  # as the images' infotexts name it
 
 
 def modules() -> list[str]:
